@@ -1,0 +1,427 @@
+"""A block device of ``size`` bytes over a :class:`tmem.Zcache` (the NBD data path).
+
+Tiers, fastest first:
+
+* **RAM** -- a persistent (frontswap) pool: a 4 KiB-aligned write is a store, a read is
+  a *non-exclusive* get (a block device may read the same block twice). Zero and
+  same-filled pages cost no storage (zcache keeps them as a pampd without a frame).
+* **huge** -- a page the pool rejects for poor compression is kept raw in a whole
+  frame when there is no backing file (``Zcache(huge_pages=True)``, as zram does).
+* **backing** -- an optional sparse file, page N at offset N*4096, for poorly
+  compressible pages and for LRU persistent pages that zcache writes back when its
+  budget is full (:meth:`BlockDevice.write_back` is the zcache writeback target).
+  Which pages currently live there is a bitmap, one bit per page.
+* **cleancache** -- pages read back from the backing file are kept in an ephemeral
+  pool (evicted first by zcache's ouroboros) and invalidated on write.
+
+Unwritten, trimmed and zeroed blocks read as zeros. Unaligned (e.g. 512-byte) I/O is
+read-modify-write of whole pages; each page's RMW runs without yielding, so two
+clients writing different sectors of one page never lose an update.
+
+The export is volatile like zram: contents live while the process runs.
+
+Keys: page N is ``oid=(N // PAGES_PER_OBJECT, 0, 0), index=N % PAGES_PER_OBJECT`` so
+objects stay small (flush_object is cheap) and neighbouring pages share an object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tmem.compress import PAGE_SIZE
+from tmem.errors import ConfigError, TmemError
+from tmem.zcache import Oid, PutResult, Zcache
+
+log = logging.getLogger(__name__)
+
+PAGES_PER_OBJECT = 512
+ZERO_PAGE = bytes(PAGE_SIZE)
+# Pages processed between yields to the event loop in the async methods: 1 MiB of
+# work (a few ms) keeps other clients responsive during a 32 MiB request.
+CHUNK_PAGES = 256
+
+
+class BlockDeviceError(TmemError):
+    """An I/O request the device refuses; ``errno`` is the NBD error to reply with."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+@dataclass(slots=True)
+class BlockDeviceCounters:
+    """Per-tier counters (exported by /stats and /metrics)."""
+
+    read_bytes: int = 0
+    write_bytes: int = 0
+    trim_bytes: int = 0
+    zero_bytes: int = 0
+    flushes: int = 0
+    rmw: int = 0
+    ram_stores: int = 0
+    huge_stores: int = 0
+    backing_stores: int = 0  # pages sent straight to the backing file
+    writeback_pages: int = 0  # LRU pages zcache (or we) moved from RAM to the file
+    writeback_bytes: int = 0
+    backing_reads: int = 0
+    cleancache_hits: int = 0
+    cleancache_misses: int = 0
+    zero_reads: int = 0
+    enospc: int = 0
+
+
+class _Bitmap:
+    """One bit per page: cheap for millions of pages (1 GiB export = 32 KiB)."""
+
+    __slots__ = ("_bits", "count")
+
+    def __init__(self, nbits: int) -> None:
+        self._bits = bytearray((nbits + 7) // 8)
+        self.count = 0
+
+    def __contains__(self, n: int) -> bool:
+        return bool(self._bits[n >> 3] & (1 << (n & 7)))
+
+    def add(self, n: int) -> None:
+        mask = 1 << (n & 7)
+        if not self._bits[n >> 3] & mask:
+            self._bits[n >> 3] |= mask
+            self.count += 1
+
+    def discard(self, n: int) -> bool:
+        mask = 1 << (n & 7)
+        if self._bits[n >> 3] & mask:
+            self._bits[n >> 3] &= ~mask & 0xFF
+            self.count -= 1
+            return True
+        return False
+
+
+def _key(page_no: int) -> tuple[Oid, int]:
+    return (page_no // PAGES_PER_OBJECT, 0, 0), page_no % PAGES_PER_OBJECT
+
+
+class BlockDevice:
+    """``size`` bytes of volatile block storage over one zcache (see module doc).
+
+    Not thread-safe: one asyncio loop drives it. Sync methods do bounded work per
+    page; the ``a*`` coroutines split big requests into chunks and yield between
+    them so one 32 MiB write does not stall other connections.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        memory: int | str = "64MiB",
+        compressor: str = "lz4",
+        backing: str | os.PathLike[str] | None = None,
+        zcache: Zcache | None = None,
+    ) -> None:
+        if size <= 0 or size % PAGE_SIZE:
+            raise ConfigError(f"export size must be a positive multiple of 4096, got {size}")
+        self.size = size
+        self.npages = size // PAGE_SIZE
+        self.counters = BlockDeviceCounters()
+        self.backing_path = os.fspath(backing) if backing is not None else None
+        self._fd: int | None = None
+        if self.backing_path is not None:
+            try:
+                self._fd = os.open(self.backing_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                # Sparse: truncating to the export size allocates nothing; the file can
+                # never grow past the export size because page N lives at N*4096.
+                os.ftruncate(self._fd, size)
+            except OSError as exc:
+                raise ConfigError(f"cannot use backing file {self.backing_path}: {exc}") from exc
+        self._in_backing = _Bitmap(self.npages)
+        # Without a backing file, incompressible pages are kept raw (zram's huge pages).
+        self.zcache = zcache or Zcache(
+            memory,
+            compressor,
+            huge_pages=self._fd is None,
+            writeback=self if self._fd is not None else None,
+        )
+        if zcache is not None and self._fd is not None and zcache.writeback is None:
+            zcache.writeback = self
+        self.pool = self.zcache.new_pool(persistent=True)
+        self.cache_pool = self.zcache.new_pool(persistent=False) if self._fd is not None else None
+        # FALLBACK for a Zcache without huge-page support (the dict stand-in): raw pages
+        # the pool refused, capped at the zcache budget in frames. Unused once zcache
+        # stores huge pages itself (then POOR_COMPRESSION never comes back here).
+        self._raw: dict[int, bytes] = {}
+        self._raw_limit = self.zcache.frames_total
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Release the pools and the backing file (contents are gone: volatile)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> BlockDevice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------- zcache target
+    def write_back(self, pool_id: int, oid: Oid, index: int, page: bytes) -> bool:
+        """Zcache writeback target: move one LRU persistent page into the backing file.
+
+        Called synchronously from zcache's put path when RAM and ephemeral frames are
+        exhausted; True lets zcache drop its copy.
+        """
+        if self._fd is None or pool_id != self.pool:
+            return False
+        page_no = oid[0] * PAGES_PER_OBJECT + index
+        if not 0 <= page_no < self.npages or len(page) != PAGE_SIZE:
+            return False
+        try:
+            os.pwrite(self._fd, page, page_no * PAGE_SIZE)
+        except OSError as exc:
+            log.warning("writeback of page %d failed: %s", page_no, exc)
+            return False
+        self._in_backing.add(page_no)
+        self.counters.writeback_pages += 1
+        self.counters.writeback_bytes += PAGE_SIZE
+        return True
+
+    def _writeback_lru(self) -> int:
+        """Write back LRU persistent pages ourselves (zcache returned NO_MEMORY)."""
+        if self._fd is None:
+            return 0
+        moved = 0
+        for z in self.zcache.zombify_lru(True):
+            if z.pool_id != self.pool or z.client != 0xFFFF:
+                continue
+            page = self.zcache.compressor.decompress(z.data) if z.compressed else z.data
+            if self.write_back(z.pool_id, z.oid, z.index, page):
+                self.zcache.flush_page(z.pool_id, z.oid, z.index)
+                moved += 1
+        return moved
+
+    # ---------------------------------------------------------------- page level
+    def _read_page(self, n: int) -> bytes:
+        oid, index = _key(n)
+        data = self.zcache.get(self.pool, oid, index, free=False)
+        if data is not None:
+            return data
+        if n in self._in_backing:
+            assert self._fd is not None and self.cache_pool is not None
+            cached = self.zcache.get(self.cache_pool, oid, index, free=False)
+            if cached is not None:
+                self.counters.cleancache_hits += 1
+                return cached
+            self.counters.cleancache_misses += 1
+            self.counters.backing_reads += 1
+            try:
+                data = os.pread(self._fd, PAGE_SIZE, n * PAGE_SIZE)
+            except OSError as exc:
+                raise BlockDeviceError(errno.EIO, f"backing file read failed: {exc}") from exc
+            if len(data) != PAGE_SIZE:  # file truncated behind our back
+                raise BlockDeviceError(errno.EIO, f"short read of page {n} from backing file")
+            self.zcache.put_status(self.cache_pool, oid, index, data)
+            return data
+        raw = self._raw.get(n)
+        if raw is not None:
+            return raw
+        self.counters.zero_reads += 1
+        return ZERO_PAGE
+
+    def _write_page(self, n: int, page: bytes) -> None:
+        oid, index = _key(n)
+        if self._raw:
+            self._raw.pop(n, None)
+        if self.cache_pool is not None:
+            self.zcache.flush_page(self.cache_pool, oid, index)
+        result = self.zcache.put_status(self.pool, oid, index, page)
+        if result is PutResult.NO_MEMORY and self._writeback_lru():
+            result = self.zcache.put_status(self.pool, oid, index, page)
+        if result is PutResult.STORED:
+            self.counters.ram_stores += 1
+            if self._fd is not None:
+                self._in_backing.discard(n)  # the file's copy is stale now
+            return
+        # The pool refused the page (and flushed any older copy under the handle).
+        if self._fd is not None:
+            try:
+                os.pwrite(self._fd, page, n * PAGE_SIZE)
+            except OSError as exc:
+                self._in_backing.discard(n)
+                self.counters.enospc += 1
+                err = errno.ENOSPC if exc.errno in (errno.ENOSPC, errno.EDQUOT) else errno.EIO
+                raise BlockDeviceError(err, f"backing file write failed: {exc}") from exc
+            self._in_backing.add(n)
+            self.counters.backing_stores += 1
+            return
+        if result is PutResult.POOR_COMPRESSION and len(self._raw) < self._raw_limit:
+            self._raw[n] = bytes(page)
+            self.counters.huge_stores += 1
+            return
+        self.counters.enospc += 1
+        raise BlockDeviceError(errno.ENOSPC, "out of memory and no backing file")
+
+    def _discard_page(self, n: int) -> None:
+        oid, index = _key(n)
+        self.zcache.flush_page(self.pool, oid, index)
+        if self._fd is not None:
+            assert self.cache_pool is not None
+            self.zcache.flush_page(self.cache_pool, oid, index)
+            self._in_backing.discard(n)
+        if self._raw:
+            self._raw.pop(n, None)
+
+    # -------------------------------------------------------------- byte ranges
+    def _check(self, offset: int, length: int, err: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise BlockDeviceError(err, f"range {offset}+{length} outside export of {self.size}")
+
+    def _pages(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
+        """Yield (page number, start within page, end within page) covering the range."""
+        end = offset + length
+        n = offset // PAGE_SIZE
+        while offset < end:
+            start = offset - n * PAGE_SIZE
+            stop = min(PAGE_SIZE, end - n * PAGE_SIZE)
+            yield n, start, stop
+            offset += stop - start
+            n += 1
+
+    def _read_range(self, offset: int, length: int) -> bytes:
+        parts = []
+        for n, start, stop in self._pages(offset, length):
+            page = self._read_page(n)
+            parts.append(page if stop - start == PAGE_SIZE else page[start:stop])
+        return b"".join(parts)
+
+    def _write_range(self, offset: int, data: memoryview) -> None:
+        pos = 0
+        for n, start, stop in self._pages(offset, len(data)):
+            chunk = data[pos : pos + stop - start]
+            pos += stop - start
+            if stop - start == PAGE_SIZE:
+                self._write_page(n, bytes(chunk))
+            else:
+                self.counters.rmw += 1
+                old = self._read_page(n)
+                self._write_page(n, old[:start] + bytes(chunk) + old[stop:])
+
+    def _zero_range(self, offset: int, length: int, *, trim: bool) -> None:
+        for n, start, stop in self._pages(offset, length):
+            if stop - start == PAGE_SIZE:
+                self._discard_page(n)
+            elif not trim:  # TRIM is a hint: partial pages keep their data
+                self.counters.rmw += 1
+                old = self._read_page(n)
+                self._write_page(n, old[:start] + bytes(stop - start) + old[stop:])
+
+    # ----------------------------------------------------------- sync interface
+    def read(self, offset: int, length: int) -> bytes:
+        """Return ``length`` bytes at ``offset``; unwritten blocks read as zeros."""
+        self._check(offset, length, errno.EINVAL)
+        self.counters.read_bytes += length
+        return self._read_range(offset, length)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Store ``data`` at ``offset`` (ENOSPC only when RAM and backing are full)."""
+        view = memoryview(data).cast("B")
+        self._check(offset, len(view), errno.ENOSPC)
+        self.counters.write_bytes += len(view)
+        self._write_range(offset, view)
+
+    def trim(self, offset: int, length: int) -> None:
+        """Drop whole pages in the range (a hint: partial pages are left alone)."""
+        self._check(offset, length, errno.EINVAL)
+        self.counters.trim_bytes += length
+        self._zero_range(offset, length, trim=True)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make the range read as zeros; whole pages are dropped (cost nothing)."""
+        self._check(offset, length, errno.ENOSPC)
+        self.counters.zero_bytes += length
+        self._zero_range(offset, length, trim=False)
+
+    def flush(self) -> None:
+        """Make completed writes durable in the backing file (NBD FLUSH / FUA)."""
+        self.counters.flushes += 1
+        if self._fd is not None:
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                raise BlockDeviceError(errno.EIO, f"fsync of backing file failed: {exc}") from exc
+
+    # ---------------------------------------------------------- async interface
+    async def aread(self, offset: int, length: int) -> bytes:
+        """:meth:`read` in chunks, yielding to the loop between them."""
+        self._check(offset, length, errno.EINVAL)
+        self.counters.read_bytes += length
+        if length <= CHUNK_PAGES * PAGE_SIZE:
+            return self._read_range(offset, length)
+        parts = []
+        for pos, size in self._chunks(offset, length):
+            parts.append(self._read_range(pos, size))
+            await asyncio.sleep(0)
+        return b"".join(parts)
+
+    async def awrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """:meth:`write` in chunks, yielding to the loop between them."""
+        view = memoryview(data).cast("B")
+        self._check(offset, len(view), errno.ENOSPC)
+        self.counters.write_bytes += len(view)
+        if len(view) <= CHUNK_PAGES * PAGE_SIZE:
+            self._write_range(offset, view)
+            return
+        for pos, size in self._chunks(offset, len(view)):
+            self._write_range(pos, view[pos - offset : pos - offset + size])
+            await asyncio.sleep(0)
+
+    async def atrim(self, offset: int, length: int) -> None:
+        self._check(offset, length, errno.EINVAL)
+        self.counters.trim_bytes += length
+        for pos, size in self._chunks(offset, length, scale=16):
+            self._zero_range(pos, size, trim=True)
+            await asyncio.sleep(0)
+
+    async def awrite_zeroes(self, offset: int, length: int) -> None:
+        self._check(offset, length, errno.ENOSPC)
+        self.counters.zero_bytes += length
+        for pos, size in self._chunks(offset, length, scale=16):
+            self._zero_range(pos, size, trim=False)
+            await asyncio.sleep(0)
+
+    async def aflush(self) -> None:
+        """fsync in a worker thread: it can take long and must not stall the loop."""
+        self.counters.flushes += 1
+        if self._fd is not None:
+            fd = self._fd
+            try:
+                await asyncio.to_thread(os.fsync, fd)
+            except OSError as exc:
+                raise BlockDeviceError(errno.EIO, f"fsync of backing file failed: {exc}") from exc
+
+    @staticmethod
+    def _chunks(offset: int, length: int, scale: int = 1) -> Iterator[tuple[int, int]]:
+        """Split a range at page-aligned chunk boundaries (aligned chunks need no RMW)."""
+        step = CHUNK_PAGES * PAGE_SIZE * scale
+        end = offset + length
+        pos = offset
+        while pos < end:
+            nxt = min(end, (pos // step + 1) * step)
+            yield pos, nxt - pos
+            pos = nxt
+
+    # -------------------------------------------------------------------- stats
+    def stats(self) -> dict[str, Any]:
+        """Counters of every tier plus the zcache's own, for /stats and /metrics."""
+        out: dict[str, Any] = {f"blockdev_{k}": v for k, v in asdict(self.counters).items()}
+        out["blockdev_size_bytes"] = self.size
+        out["blockdev_backing_pages"] = self._in_backing.count
+        out["blockdev_huge_fallback_pages"] = len(self._raw)
+        return out

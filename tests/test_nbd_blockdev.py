@@ -1,0 +1,231 @@
+"""BlockDevice: tiers, read-modify-write, trim/zero, writeback and the bitmap."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from tmem import ConfigError, TmemError
+from tmem.nbd.blockdev import PAGES_PER_OBJECT, BlockDevice, BlockDeviceError
+
+PAGE = 4096
+CORPUS = Path("/work/shared/corpus/anon.pages")
+
+
+def text_page(i: int) -> bytes:
+    """A compressible page that differs per i."""
+    line = f"page {i:08d} some compressible words for the page store\n".encode()
+    return (line * (PAGE // len(line) + 1))[:PAGE]
+
+
+def random_page(rng: random.Random) -> bytes:
+    return rng.randbytes(PAGE)
+
+
+def test_unwritten_reads_zero_and_roundtrip() -> None:
+    dev = BlockDevice(64 * PAGE, memory="1MiB")
+    assert dev.read(0, 64 * PAGE) == bytes(64 * PAGE)
+    dev.write(PAGE, text_page(1))
+    assert dev.read(PAGE, PAGE) == text_page(1)
+    # non-exclusive: a second read still sees it
+    assert dev.read(PAGE, PAGE) == text_page(1)
+    assert dev.counters.ram_stores == 1
+
+
+def test_unaligned_rmw_matches_bytearray_model() -> None:
+    rng = random.Random(7)
+    size = 32 * PAGE
+    dev = BlockDevice(size, memory="1MiB")
+    model = bytearray(size)
+    for _ in range(300):
+        off = rng.randrange(size)
+        ln = rng.randrange(0, min(3 * PAGE, size - off) + 1)
+        op = rng.random()
+        if op < 0.6:
+            data = text_page(rng.randrange(1000))[: ln % PAGE] * (ln // PAGE + 1)
+            data = (data + bytes(ln))[:ln]
+            dev.write(off, data)
+            model[off : off + ln] = data
+        elif op < 0.8:
+            dev.write_zeroes(off, ln)
+            model[off : off + ln] = bytes(ln)
+        else:
+            got = dev.read(off, ln)
+            assert got == bytes(model[off : off + ln])
+    assert dev.read(0, size) == bytes(model)
+    assert dev.counters.rmw > 0
+
+
+def test_512_aligned_sector_writes() -> None:
+    dev = BlockDevice(4 * PAGE, memory="1MiB")
+    for s in range(8):
+        dev.write(PAGE + s * 512, bytes([s + 1]) * 512)
+    assert dev.read(PAGE, PAGE) == b"".join(bytes([s + 1]) * 512 for s in range(8))
+    assert dev.counters.rmw == 8
+
+
+def test_trim_is_hint_for_partial_pages_and_drops_whole_ones() -> None:
+    dev = BlockDevice(4 * PAGE, memory="1MiB")
+    dev.write(0, text_page(1) + text_page(2) + text_page(3))
+    dev.trim(PAGE // 2, 2 * PAGE)  # whole page 1 only
+    assert dev.read(0, PAGE) == text_page(1)
+    assert dev.read(PAGE, PAGE) == bytes(PAGE)
+    assert dev.read(2 * PAGE, PAGE) == text_page(3)
+
+
+def test_out_of_range_is_refused_and_changes_nothing() -> None:
+    dev = BlockDevice(4 * PAGE, memory="1MiB")
+    dev.write(0, text_page(5))
+    with pytest.raises(BlockDeviceError) as exc:
+        dev.write(3 * PAGE + 1, bytes(PAGE))
+    assert exc.value.errno == errno.ENOSPC
+    assert isinstance(exc.value, TmemError)
+    with pytest.raises(BlockDeviceError) as exc:
+        dev.read(4 * PAGE, 1)
+    assert exc.value.errno == errno.EINVAL
+    with pytest.raises(BlockDeviceError):
+        dev.trim(-1, 10)
+    assert dev.read(0, PAGE) == text_page(5)
+    assert dev.read(PAGE, 3 * PAGE) == bytes(3 * PAGE)
+
+
+def test_bad_size_is_config_error() -> None:
+    with pytest.raises(ConfigError):
+        BlockDevice(1000)
+    with pytest.raises(ConfigError):
+        BlockDevice(0)
+
+
+def test_incompressible_without_backing_is_kept_raw() -> None:
+    rng = random.Random(1)
+    dev = BlockDevice(16 * PAGE, memory="1MiB")
+    pages = [random_page(rng) for _ in range(4)]
+    dev.write(0, b"".join(pages))
+    assert dev.read(0, 4 * PAGE) == b"".join(pages)
+    st = dev.stats()
+    # either zcache kept them as huge pages or the raw fallback did
+    huge = st["blockdev_huge_stores"] + dev.zcache.stats().get("huge_pages", 0)
+    assert huge >= 4 or st["blockdev_ram_stores"] == 4
+
+
+def test_incompressible_goes_to_backing_file(tmp_path: Path) -> None:
+    rng = random.Random(2)
+    backing = tmp_path / "spill"
+    dev = BlockDevice(16 * PAGE, memory="1MiB", backing=backing)
+    page = random_page(rng)
+    dev.write(3 * PAGE, page)
+    assert dev.counters.backing_stores == 1
+    with backing.open("rb") as f:
+        f.seek(3 * PAGE)
+        assert f.read(PAGE) == page
+    assert dev.read(3 * PAGE, PAGE) == page  # incompressible: cleancache refuses it too
+    # a compressible page written back by zcache is cached in the ephemeral pool
+    # after the first read: first read misses and reads the file, the second hits
+    assert dev.write_back(dev.pool, (0, 0, 0), 4, text_page(4))
+    dev.zcache.flush_page(dev.pool, (0, 0, 0), 4)
+    reads = dev.counters.backing_reads
+    assert dev.read(4 * PAGE, PAGE) == text_page(4)
+    assert dev.read(4 * PAGE, PAGE) == text_page(4)
+    assert dev.counters.backing_reads == reads + 1
+    assert dev.counters.cleancache_hits == 1
+    # a cleancache copy must be invalidated by a write
+    dev.write(4 * PAGE, text_page(9))
+    assert dev.read(4 * PAGE, PAGE) == text_page(9)
+    dev.write(3 * PAGE, text_page(8))
+    assert dev.stats()["blockdev_backing_pages"] == 0
+    # a partial overwrite of a backing page is RMW from the file
+    page2 = random_page(rng)
+    dev.write(5 * PAGE, page2)
+    dev.write(5 * PAGE + 100, b"xyz")
+    assert dev.read(5 * PAGE, PAGE) == page2[:100] + b"xyz" + page2[103:]
+    dev.flush()
+    dev.close()
+
+
+def test_backing_file_is_sparse_and_bounded(tmp_path: Path) -> None:
+    backing = tmp_path / "spill"
+    dev = BlockDevice(1024 * PAGE, memory="1MiB", backing=backing)
+    assert backing.stat().st_size == 1024 * PAGE
+    assert backing.stat().st_blocks * 512 < 64 * PAGE
+    dev.close()
+
+
+def test_bad_backing_path_is_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        BlockDevice(16 * PAGE, backing=tmp_path / "no" / "such" / "dir" / "f")
+
+
+def test_no_backing_enospc_when_ram_full() -> None:
+    dev = BlockDevice(4096 * PAGE, memory="64KiB")
+    with pytest.raises(BlockDeviceError) as exc:
+        for i in range(4096):
+            dev.write(i * PAGE, text_page(i))
+    assert exc.value.errno == errno.ENOSPC
+    assert dev.counters.enospc == 1
+
+
+def test_four_times_budget_with_backing_reads_back(tmp_path: Path) -> None:
+    """Writes of 4x the RAM budget land somewhere and all read back intact."""
+    pages = CORPUS.read_bytes() if CORPUS.exists() else b"".join(text_page(i) for i in range(2048))
+    npages = len(pages) // PAGE  # 8 MiB of real anonymous memory
+    mem = npages * PAGE // 4
+    dev = BlockDevice(npages * PAGE, memory=mem, backing=tmp_path / "spill")
+    dev.write(0, pages)
+    assert dev.read(0, len(pages)) == pages
+    st = dev.stats()
+    assert st["blockdev_enospc"] == 0
+    assert st["blockdev_backing_pages"] > 0
+    assert st["blockdev_writeback_pages"] + st["blockdev_backing_stores"] > 0
+    # the newest writes are in RAM (no LRU inversion): the last page came from RAM
+    reads_before = dev.counters.backing_reads + dev.counters.cleancache_hits
+    dev.read(len(pages) - PAGE, PAGE)
+    if st["blockdev_writeback_pages"]:
+        assert dev.counters.backing_reads + dev.counters.cleancache_hits == reads_before
+
+
+def test_keys_bounded_per_object() -> None:
+    dev = BlockDevice(3 * PAGES_PER_OBJECT * PAGE, memory="1MiB")
+    dev.write((PAGES_PER_OBJECT - 1) * PAGE, text_page(1) + text_page(2))
+    assert dev.zcache.get(dev.pool, (0, 0, 0), PAGES_PER_OBJECT - 1, free=False) == text_page(1)
+    assert dev.zcache.get(dev.pool, (1, 0, 0), 0, free=False) == text_page(2)
+
+
+def test_async_chunks_yield_and_match_sync() -> None:
+    size = 2048 * PAGE
+    dev = BlockDevice(size, memory="16MiB")
+    data = b"".join(text_page(i) for i in range(1000)) + b"tail"
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    async def main() -> bytes:
+        t = asyncio.create_task(ticker())
+        await dev.awrite(100, data)
+        got = await dev.aread(100, len(data))
+        await dev.awrite_zeroes(100, PAGE * 600)
+        await dev.atrim(0, size)
+        await dev.aflush()
+        t.cancel()
+        return got
+
+    assert asyncio.run(main()) == data
+    assert ticks >= 4  # other tasks ran while the big requests were processed
+    assert dev.read(0, size) == bytes(size)
+
+
+def test_write_back_target_rejects_foreign_pages(tmp_path: Path) -> None:
+    dev = BlockDevice(16 * PAGE, memory="1MiB", backing=tmp_path / "spill")
+    assert not dev.write_back(dev.pool + 5, (0, 0, 0), 0, bytes(PAGE))
+    assert not dev.write_back(dev.pool, (99, 0, 0), 0, bytes(PAGE))
+    assert dev.write_back(dev.pool, (0, 0, 0), 2, text_page(2))
+    assert dev.stats()["blockdev_writeback_pages"] == 1
+    assert os.path.getsize(tmp_path / "spill") == 16 * PAGE
