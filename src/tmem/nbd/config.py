@@ -92,7 +92,13 @@ _NAMES = {f.name for f in fields(ServeConfig)}
 
 def _coerce(name: str, value: Any) -> Any:
     if name == "listen":
-        items = [value] if isinstance(value, str) else value
+        items = (
+            [value]
+            if isinstance(value, str)
+            else list(value)
+            if isinstance(value, tuple)
+            else value
+        )
         if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
             raise ConfigError("listen must be a string or a list of strings")
         return [Address.parse(v) for v in items]
