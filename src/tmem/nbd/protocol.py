@@ -796,7 +796,7 @@ class ServerConnection:
         if self._available() < 4:
             return self._eof_event(partial=self._available() > 0)
         (flags,) = _U32.unpack(self._take(4))
-        if flags & ~(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES):
+        if flags & ~int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES):
             return ProtocolError(f"unknown client flags {flags:#x}")
         self.client_flags = ClientFlag(flags)
         self._state = State.NEGOTIATING
@@ -809,10 +809,9 @@ class ServerConnection:
         self._opt_reply(option, rtype, _message(message))
 
     def _read_option(self) -> Event | NeedData | None:
-        if self._skip:
+        if self._after_skip is not None:
             if not self._drain_skip():
                 return self._eof_event(partial=True)
-            assert self._after_skip is not None
             done, self._after_skip = self._after_skip, None
             return done()
         avail = self._available()
@@ -989,7 +988,7 @@ class ServerConnection:
             allowed |= CmdFlag.DF
         elif cmd is Command.WRITE_ZEROES:
             allowed |= CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO
-        if flags & ~allowed:
+        if flags & ~int(allowed):  # int: ~ on an IntFlag drops unknown bits
             return EINVAL, f"flags {flags:#x} not allowed for {cmd.name}"
         if cmd is Command.FLUSH:
             if offset or length:
@@ -1010,10 +1009,9 @@ class ServerConnection:
         return 0, ""
 
     def _read_request(self) -> Event | NeedData | None:
-        if self._skip:
+        if self._after_skip is not None:
             if not self._drain_skip():
                 return self._eof_event(partial=True)
-            assert self._after_skip is not None
             done, self._after_skip = self._after_skip, None
             return done()
         if self._payload_hdr is not None:
