@@ -41,6 +41,10 @@ from tmem.zcache import Oid, PutResult, Zcache
 log = logging.getLogger(__name__)
 
 PAGES_PER_OBJECT = 512
+OBJ_SHIFT = 9  # log2(PAGES_PER_OBJECT)
+OBJ_MASK = PAGES_PER_OBJECT - 1
+PAGE_SHIFT = 12
+PAGE_MASK = PAGE_SIZE - 1
 ZERO_PAGE = bytes(PAGE_SIZE)
 # Pages processed between yields to the event loop in the async methods: 1 MiB of
 # work (a few ms) keeps other clients responsive during a 32 MiB request.
@@ -105,7 +109,7 @@ class _Bitmap:
 
 
 def _key(page_no: int) -> tuple[Oid, int]:
-    return (page_no // PAGES_PER_OBJECT, 0, 0), page_no % PAGES_PER_OBJECT
+    return (page_no >> OBJ_SHIFT, 0, 0), page_no & OBJ_MASK
 
 
 class BlockDevice:
@@ -209,12 +213,14 @@ class BlockDevice:
 
     # ---------------------------------------------------------------- page level
     def _read_page(self, n: int) -> bytes:
-        oid, index = _key(n)
-        data = self.zcache.get(self.pool, oid, index, free=False)
-        if data is not None:
-            return data
+        data = self.zcache.get(self.pool, (n >> OBJ_SHIFT, 0, 0), n & OBJ_MASK, False)
+        return data if data is not None else self._read_cold(n)
+
+    def _read_cold(self, n: int) -> bytes:
+        """A page that is not in the persistent pool: backing file, raw fallback or zeros."""
         if n in self._in_backing:
             assert self._fd is not None and self.cache_pool is not None
+            oid, index = _key(n)
             cached = self.zcache.get(self.cache_pool, oid, index, free=False)
             if cached is not None:
                 self.counters.cleancache_hits += 1
@@ -236,25 +242,39 @@ class BlockDevice:
         return ZERO_PAGE
 
     def _write_page(self, n: int, page: bytes) -> None:
-        oid, index = _key(n)
         if self._raw:
             self._raw.pop(n, None)
-        if self.cache_pool is not None:
-            self.zcache.flush_page(self.cache_pool, oid, index)
-        result = self.zcache.put_status(self.pool, oid, index, page)
-        if result is PutResult.NO_MEMORY and self._writeback_lru():
-            result = self.zcache.put_status(self.pool, oid, index, page)
+        result = self.zcache.put_status(self.pool, (n >> OBJ_SHIFT, 0, 0), n & OBJ_MASK, page)
         if result is PutResult.STORED:
             self.counters.ram_stores += 1
-            if self._fd is not None:
-                self._in_backing.discard(n)  # the file's copy is stale now
-            return
-        # The pool refused the page (and flushed any older copy under the handle).
+            if self._fd is not None and n in self._in_backing:
+                self._forget_backing(n)
+        else:
+            self._store_refused(n, page, result)
+
+    def _forget_backing(self, n: int) -> None:
+        """The file's copy of page n is stale: clear its bit and its cleancache copy."""
+        assert self.cache_pool is not None
+        self._in_backing.discard(n)
+        oid, index = _key(n)
+        self.zcache.flush_page(self.cache_pool, oid, index)
+
+    def _store_refused(self, n: int, page: bytes, result: PutResult) -> None:
+        """The pool did not take page n (and flushed any older copy under its handle)."""
+        oid, index = _key(n)
+        if result is PutResult.NO_MEMORY and self._writeback_lru():
+            result = self.zcache.put_status(self.pool, oid, index, page)
+            if result is PutResult.STORED:
+                self.counters.ram_stores += 1
+                if self._fd is not None and n in self._in_backing:
+                    self._forget_backing(n)
+                return
         if self._fd is not None:
+            if n in self._in_backing:
+                self._forget_backing(n)
             try:
                 os.pwrite(self._fd, page, n * PAGE_SIZE)
             except OSError as exc:
-                self._in_backing.discard(n)
                 self.counters.enospc += 1
                 err = errno.ENOSPC if exc.errno in (errno.ENOSPC, errno.EDQUOT) else errno.EIO
                 raise BlockDeviceError(err, f"backing file write failed: {exc}") from exc
@@ -271,10 +291,8 @@ class BlockDevice:
     def _discard_page(self, n: int) -> None:
         oid, index = _key(n)
         self.zcache.flush_page(self.pool, oid, index)
-        if self._fd is not None:
-            assert self.cache_pool is not None
-            self.zcache.flush_page(self.cache_pool, oid, index)
-            self._in_backing.discard(n)
+        if self._fd is not None and n in self._in_backing:
+            self._forget_backing(n)
         if self._raw:
             self._raw.pop(n, None)
 
@@ -295,23 +313,54 @@ class BlockDevice:
             n += 1
 
     def _read_range(self, offset: int, length: int) -> bytes:
+        if not (offset | length) & PAGE_MASK:
+            # Fast path (whole pages): one zcache get per page, cold tiers only on a miss.
+            get, pool, cold = self.zcache.get, self.pool, self._read_cold
+            parts = []
+            for n in range(offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT):
+                data = get(pool, (n >> OBJ_SHIFT, 0, 0), n & OBJ_MASK, False)
+                parts.append(data if data is not None else cold(n))
+            return b"".join(parts)
         parts = []
         for n, start, stop in self._pages(offset, length):
             page = self._read_page(n)
             parts.append(page if stop - start == PAGE_SIZE else page[start:stop])
         return b"".join(parts)
 
-    def _write_range(self, offset: int, data: memoryview) -> None:
+    def _write_range(self, offset: int, data: bytes) -> None:
+        if not (offset | len(data)) & PAGE_MASK:
+            # Fast path (whole pages): a store per page; refused pages take the slow path.
+            put, pool, stored_ok = self.zcache.put_status, self.pool, PutResult.STORED
+            check_backing = self._fd is not None and self._in_backing.count > 0
+            n = offset >> PAGE_SHIFT
+            stored = 0
+            try:
+                for pos in range(0, len(data), PAGE_SIZE):
+                    page = data[pos : pos + PAGE_SIZE]
+                    if self._raw:
+                        self._raw.pop(n, None)
+                    result = put(pool, (n >> OBJ_SHIFT, 0, 0), n & OBJ_MASK, page)
+                    if result is stored_ok:
+                        stored += 1
+                        if check_backing and n in self._in_backing:
+                            self._forget_backing(n)
+                    else:
+                        self._store_refused(n, page, result)
+                        check_backing = self._fd is not None
+                    n += 1
+            finally:
+                self.counters.ram_stores += stored
+            return
         pos = 0
         for n, start, stop in self._pages(offset, len(data)):
             chunk = data[pos : pos + stop - start]
             pos += stop - start
             if stop - start == PAGE_SIZE:
-                self._write_page(n, bytes(chunk))
+                self._write_page(n, chunk)
             else:
                 self.counters.rmw += 1
                 old = self._read_page(n)
-                self._write_page(n, old[:start] + bytes(chunk) + old[stop:])
+                self._write_page(n, old[:start] + chunk + old[stop:])
 
     def _zero_range(self, offset: int, length: int, *, trim: bool) -> None:
         for n, start, stop in self._pages(offset, length):
@@ -331,10 +380,10 @@ class BlockDevice:
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` at ``offset`` (ENOSPC only when RAM and backing are full)."""
-        view = memoryview(data).cast("B")
-        self._check(offset, len(view), errno.ENOSPC)
-        self.counters.write_bytes += len(view)
-        self._write_range(offset, view)
+        buf = data if isinstance(data, bytes) else bytes(memoryview(data).cast("B"))
+        self._check(offset, len(buf), errno.ENOSPC)
+        self.counters.write_bytes += len(buf)
+        self._write_range(offset, buf)
 
     def trim(self, offset: int, length: int) -> None:
         """Drop whole pages in the range (a hint: partial pages are left alone)."""
@@ -372,14 +421,14 @@ class BlockDevice:
 
     async def awrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """:meth:`write` in chunks, yielding to the loop between them."""
-        view = memoryview(data).cast("B")
-        self._check(offset, len(view), errno.ENOSPC)
-        self.counters.write_bytes += len(view)
-        if len(view) <= CHUNK_PAGES * PAGE_SIZE:
-            self._write_range(offset, view)
+        buf = data if isinstance(data, bytes) else bytes(memoryview(data).cast("B"))
+        self._check(offset, len(buf), errno.ENOSPC)
+        self.counters.write_bytes += len(buf)
+        if len(buf) <= CHUNK_PAGES * PAGE_SIZE:
+            self._write_range(offset, buf)
             return
-        for pos, size in self._chunks(offset, len(view)):
-            self._write_range(pos, view[pos - offset : pos - offset + size])
+        for pos, size in self._chunks(offset, len(buf)):
+            self._write_range(pos, buf[pos - offset : pos - offset + size])
             await asyncio.sleep(0)
 
     async def atrim(self, offset: int, length: int) -> None:

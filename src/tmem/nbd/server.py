@@ -29,7 +29,8 @@ import signal
 import socket
 import stat
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from tmem.errors import ConfigError
 from tmem.nbd import protocol as proto
@@ -172,8 +173,9 @@ class _NbdProtocol(asyncio.Protocol):
 
     # ---------------------------------------------------------- transport events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement the interface without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
+        transport = self.transport
         self.server._conns.add(self)
         self.server.counters.connections_total += 1
         sock = transport.get_extra_info("socket")
@@ -499,6 +501,22 @@ async def serve_async(
     log.info("stopped")
 
 
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed (about 2x less per-request overhead), else asyncio's loop.
+
+    ``TMEM_EVENT_LOOP=asyncio`` forces the standard loop (benchmarks compare both).
+    """
+    if os.environ.get("TMEM_EVENT_LOOP", "auto") == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 def run(config: ServeConfig) -> None:
     """Blocking entry point of ``tmem serve``: returns after a graceful shutdown."""
-    asyncio.run(serve_async(config))
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(serve_async(config))
