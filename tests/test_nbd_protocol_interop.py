@@ -24,6 +24,7 @@ import pytest
 
 from tmem.nbd.protocol import (
     NEED_DATA,
+    Buffer,
     Command,
     ConnectionClosed,
     Disconnect,
@@ -90,7 +91,7 @@ class MemServer:
             self.threads.append(t)
             t.start()
 
-    def _execute(self, conn: ServerConnection, req: Request) -> list[bytes | memoryview]:
+    def _execute(self, conn: ServerConnection, req: Request) -> list[Buffer]:
         """Apply a request now; return its reply (sent later)."""
         self.stats[req.command.name] += 1
         if req.fua:
@@ -128,7 +129,7 @@ class MemServer:
     def _serve(self, s: socket.socket) -> None:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = ServerConnection({"mem": self.info}, default_export="mem")
-        pending: list[list[bytes | memoryview]] = []
+        pending: list[list[Buffer]] = []
         try:
             s.sendall(conn.initial_bytes())
             while True:

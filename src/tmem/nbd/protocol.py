@@ -87,6 +87,7 @@ __all__ = [
     "REQUEST_MAGIC",
     "SIMPLE_REPLY_MAGIC",
     "STRUCTURED_REPLY_MAGIC",
+    "Buffer",
     "ChunkType",
     "ClientFlag",
     "CmdFlag",
