@@ -114,6 +114,11 @@ class Server:
         return self.proc.wait(timeout=60)
 
 
+def copy_opts(args: argparse.Namespace) -> list[str]:
+    """nbdcopy caps connections at its thread count (nproc by default): raise both."""
+    return [f"--connections={args.connections}", f"--threads={args.connections}"]
+
+
 def timed(cmd: list[str]) -> float:
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -143,10 +148,14 @@ def throughput(args: argparse.Namespace, tmp: Path, image: Path, digest: str) ->
         extra = ["--memory", args.memory] if kind == "tmem" else []
         srv = Server(kind, tmp, size, extra)
         try:
-            nc = f"--connections={args.connections}"
-            w = min(timed(["nbdcopy", nc, str(image), srv.uri]) for _ in range(args.repeat))
+            w = min(
+                timed(["nbdcopy", *copy_opts(args), str(image), srv.uri])
+                for _ in range(args.repeat)
+            )
             out = tmp / "out.img"
-            r = min(timed(["nbdcopy", nc, srv.uri, str(out)]) for _ in range(args.repeat))
+            r = min(
+                timed(["nbdcopy", *copy_opts(args), srv.uri, str(out)]) for _ in range(args.repeat)
+            )
             ok = sha256(out) == digest
             out.unlink()
             wiops = max(qemu_bench(srv.uri, args.iops_count, True) for _ in range(args.repeat))
@@ -171,13 +180,14 @@ def writeback_run(args: argparse.Namespace, tmp: Path, image: Path, digest: str)
     backing = tmp / "backing.img"
     srv = Server("tmem", tmp, size, ["--memory", str(memory), "--backing", str(backing)])
     try:
-        nc = f"--connections={args.connections}"
         t0 = time.perf_counter()
-        res = subprocess.run(["nbdcopy", nc, str(image), srv.uri], capture_output=True, text=True)
+        res = subprocess.run(
+            ["nbdcopy", *copy_opts(args), str(image), srv.uri], capture_output=True, text=True
+        )
         elapsed = time.perf_counter() - t0
         st = srv.stats()
         out = tmp / "wb-out.img"
-        subprocess.run(["nbdcopy", nc, srv.uri, str(out)], check=True)
+        subprocess.run(["nbdcopy", *copy_opts(args), srv.uri, str(out)], check=True)
         ok = sha256(out) == digest
         out.unlink()
     finally:
