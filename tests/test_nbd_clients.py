@@ -5,21 +5,28 @@ from __future__ import annotations
 import json
 import subprocess
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
 from test_nbd_server_harness import (
     need,
     need_libnbd_python,
     real_data_image,
     run,
-    serve,  # noqa: F401  (fixture)
+    serve_factory,
     sha256_file,
 )
 
 pytestmark = pytest.mark.clients
 MiB = 1 << 20
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Any]:
+    yield from serve_factory(tmp_path)
 
 
 def test_nbdinfo_sees_size_flags_and_block_sizes(serve: Any) -> None:

@@ -96,9 +96,9 @@ def start_server(tmp: Path, *args: str, stats: bool = True, timeout: float = 30)
     return Served(proc, tcp, str(sock), info.get("stats"), log)
 
 
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Any]:
-    """Factory fixture: ``serve("--size", "64MiB")``; every server is stopped at teardown."""
+def serve_factory(tmp_path: Path) -> Iterator[Any]:
+    """Body of the ``serve`` fixtures: ``serve("--size", "64MiB")`` starts a server;
+    every server is killed at teardown if a test did not stop it."""
     started: list[Served] = []
 
     def factory(*args: str, stats: bool = True) -> Served:
