@@ -209,7 +209,7 @@ class Zcache:
         return self.tmem.new_pool(bool(persistent), bool(shared), uuid, client, pool_id).pool_id
 
     def _pool(self, pool_id: int, client: int) -> Pool:
-        pool = self._local.get(pool_id) if client == LOCAL_CLIENT else None
+        pool = self._local.get(pool_id) if type(pool_id) is int and client == LOCAL_CLIENT else None
         return pool if pool is not None else self.tmem.pool(pool_id, client)
 
     def is_persistent(self, pool_id: int, *, client: int = LOCAL_CLIENT) -> bool:
@@ -373,7 +373,7 @@ class Zcache:
         A page that was not stored leaves no older copy behind; :meth:`put_status` says
         why. This is the hot path: it is flat on purpose.
         """
-        pool = self._local.get(pool_id) if client == LOCAL_CLIENT else None
+        pool = self._local.get(pool_id) if type(pool_id) is int and client == LOCAL_CLIENT else None
         if pool is None:
             pool = self.tmem.pool(pool_id, client)
         try:
@@ -393,7 +393,12 @@ class Zcache:
             check_oid(oid)
         if type(index) is not int or not 0 <= index <= U32_MAX:
             check_index(index)
-        data = self._compress(page)
+        try:
+            data = self._compress(page)
+        except TypeError:
+            raise PageSizeError(
+                f"page must be a bytes-like object, got {type(page).__name__}"
+            ) from None
         clen = len(data)
         persistent = pool.persistent
         if clen <= SAME_FILLED_PROBE:
@@ -514,7 +519,7 @@ class Zcache:
         the page stays unless ``free=True``. A page living on another node raises
         :class:`RemotePageError` (the cluster layer fetches it).
         """
-        pool = self._local.get(pool_id) if client == LOCAL_CLIENT else None
+        pool = self._local.get(pool_id) if type(pool_id) is int and client == LOCAL_CLIENT else None
         if pool is None:
             pool = self.tmem.pool(pool_id, client)
         objects = pool.objects
