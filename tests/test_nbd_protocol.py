@@ -574,6 +574,8 @@ def test_reply_misuse_raises_local_protocol_error() -> None:
         c.conn.reply_read(r, [16, 0])
     with pytest.raises(LocalProtocolError):
         c.conn.reply_read(w, [1])
+    assert c.conn.in_flight == 2  # misuse does not count as an answer
+    assert c.rx == b""
 
 
 @pytest.mark.parametrize(

@@ -663,13 +663,14 @@ class ServerConnection:
         no data. ``error`` is mapped into the NBD error set with nbd_errno().
         """
         error = nbd_errno(error)
-        self._complete(request)
         if error:
+            self._complete(request)
             return [self._error_reply(request.cookie, request.command, error, message)]
         if request.command is Command.READ:
             if data is None or len(data) != request.length:
                 got = "no data" if data is None else f"{len(data)} bytes"
                 raise LocalProtocolError(f"READ of {request.length} bytes answered with {got}")
+            self._complete(request)
             if not self.structured:
                 return [_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, request.cookie), data]
             if not data:
@@ -689,6 +690,7 @@ class ServerConnection:
             return [hdr, data]
         if data:
             raise LocalProtocolError(f"{request.command.name} replies carry no data")
+        self._complete(request)
         return [_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, request.cookie)]
 
     def reply(
