@@ -197,20 +197,6 @@ class BlockDevice:
         self.counters.writeback_bytes += PAGE_SIZE
         return True
 
-    def _writeback_lru(self) -> int:
-        """Write back LRU persistent pages ourselves (zcache returned NO_MEMORY)."""
-        if self._fd is None:
-            return 0
-        moved = 0
-        for z in self.zcache.zombify_lru(True):
-            if z.pool_id != self.pool or z.client != 0xFFFF:
-                continue
-            page = self.zcache.compressor.decompress(z.data) if z.compressed else z.data
-            if self.write_back(z.pool_id, z.oid, z.index, page):
-                self.zcache.flush_page(z.pool_id, z.oid, z.index)
-                moved += 1
-        return moved
-
     # ---------------------------------------------------------------- page level
     def _read_page(self, n: int) -> bytes:
         data = self.zcache.get(self.pool, (n >> OBJ_SHIFT, 0, 0), n & OBJ_MASK, False)
@@ -261,14 +247,8 @@ class BlockDevice:
 
     def _store_refused(self, n: int, page: bytes, result: PutResult) -> None:
         """The pool did not take page n (and flushed any older copy under its handle)."""
-        oid, index = _key(n)
-        if result is PutResult.NO_MEMORY and self._writeback_lru():
-            result = self.zcache.put_status(self.pool, oid, index, page)
-            if result is PutResult.STORED:
-                self.counters.ram_stores += 1
-                if self._fd is not None and n in self._in_backing:
-                    self._forget_backing(n)
-                return
+        # NO_MEMORY with a backing file means zcache's own writeback could not free a
+        # frame (nothing persistent left to write back): the page itself spills.
         if self._fd is not None:
             if n in self._in_backing:
                 self._forget_backing(n)
