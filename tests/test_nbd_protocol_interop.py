@@ -193,6 +193,22 @@ def test_nbdinfo_json_sees_size_flags_and_block_sizes(server: MemServer) -> None
     assert info["protocol"] == "newstyle-fixed"
 
 
+def test_nbdinfo_list_uses_opt_list_then_info(server: MemServer) -> None:
+    nbdinfo = _need("nbdinfo")
+    uri = f"nbd://127.0.0.1:{server.port}"
+    out = subprocess.run(
+        [nbdinfo, "--list", "--json", uri], capture_output=True, text=True, timeout=60, check=True
+    )
+    (export,) = json.loads(out.stdout)["exports"]
+    assert export["export-name"] == "mem"
+    assert export["description"] == "protocol interop disk"
+    assert export["export-size"] == 64 * 1024 * 1024
+    size = subprocess.run(
+        [nbdinfo, "--size", uri], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert int(size.stdout) == 64 * 1024 * 1024  # "" is the default export
+
+
 NBDSH_SCRIPT = r"""
 import errno, os, sys, nbd
 uri, structured = sys.argv[1], sys.argv[2] == "1"
