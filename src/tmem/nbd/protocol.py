@@ -44,6 +44,13 @@ Rules the shell must follow:
   ``reply()`` / ``reply_parts()`` / ``reply_read()``; replies may go out in any order
   (the cookie is opaque). ``reply`` picks a simple or structured reply from the
   negotiation; READ error replies under structured replies are ERROR chunks.
+  ``reply_read(req, [data, hole_len, ...])`` sends holes as OFFSET_HOLE chunks when
+  structured replies are on (zeros otherwise). ``conn.in_flight`` counts requests not
+  answered yet. ``Request.command`` (alias ``kind``) is a ``Command``; ``flags`` a
+  ``CmdFlag`` with ``fua`` / ``no_hole`` / ``fast_zero`` / ``df`` shortcuts; a WRITE's
+  ``payload`` is ``bytes`` (often the very object passed to receive_data, uncopied).
+* WRITE payloads over the maximum but within the spec's 32 MiB "not a denial of
+  service" bound are skipped and answered EINVAL; larger ones are a ProtocolError.
 * Invalid requests never reach the server: the connection queues the NBD error reply
   (EINVAL, ENOSPC, EPERM, EOVERFLOW, ESHUTDOWN) and reports ``RequestRejected``.
 * Graceful shutdown: ``conn.start_shutdown()``. Later options get
