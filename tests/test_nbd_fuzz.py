@@ -30,6 +30,7 @@ from test_nbd_protocol_client import (
     OPT_SR,
     READ,
     REP_ACK,
+    REQ_ONE,
     TRIM,
     WRITE,
     WRITE_ZEROES,
@@ -59,6 +60,7 @@ from tmem.nbd.protocol import (
 )
 
 SIZE = 64 * 1024
+BLOCK_STATUS = 7
 MAXP = 16 * 1024
 MAX_OPT = 4 + 4096 + 2 + 8
 BOUND = max(16 + MAX_OPT, 28 + MAXP)  # one incomplete message, at most
@@ -68,7 +70,9 @@ FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 def new_conn(read_only: bool = False) -> ServerConnection:
     exports = {"d": ExportInfo("d", SIZE, read_only=read_only, max_payload=MAXP)}
-    return ServerConnection(exports, "d", max_payload=MAXP, max_option_length=MAX_OPT)
+    return ServerConnection(
+        exports, "d", max_payload=MAXP, max_option_length=MAX_OPT, block_status=True
+    )
 
 
 @dataclass
@@ -131,6 +135,9 @@ class Run:
             allowed = FUA | (DF if ev.command is Command.READ and conn.structured else 0)
             if ev.command is Command.WRITE_ZEROES:
                 allowed |= 2 | 16
+            if ev.command is Command.BLOCK_STATUS:
+                assert conn.meta_context and ev.length > 0
+                allowed |= REQ_ONE
             assert int(ev.flags) & ~allowed == 0
         if isinstance(ev, RequestRejected):
             assert ev.error in (EINVAL, ENOSPC, EOVERFLOW, EPERM)
@@ -155,16 +162,25 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 def expected_error(
-    cmd: int, flags: int, offset: int, length: int, *, structured: bool, read_only: bool
+    cmd: int,
+    flags: int,
+    offset: int,
+    length: int,
+    *,
+    structured: bool,
+    read_only: bool,
+    meta: bool = False,
 ) -> int | str:
     """The spec's answer, written independently of the implementation."""
     if cmd == DISC:
         return "disc"
     if cmd == WRITE and length > max(MAXP, 1 << 25):
         return "drop"
-    if cmd not in (0, 1, 3, 4, 5, 6):
+    if cmd not in (0, 1, 3, 4, 5, 6) and not (cmd == BLOCK_STATUS and meta):
         return EINVAL
     allowed = FUA
+    if cmd == BLOCK_STATUS:
+        allowed |= REQ_ONE
     if cmd == READ and structured:
         allowed |= DF
     if cmd == WRITE_ZEROES:
@@ -173,6 +189,8 @@ def expected_error(
         return EINVAL
     if cmd == FLUSH:
         return EINVAL if offset or length else 0
+    if cmd == BLOCK_STATUS and length == 0:
+        return EINVAL
     if read_only and cmd in (WRITE, TRIM, WRITE_ZEROES):
         return EPERM
     if cmd in (READ, WRITE) and length > MAXP:
@@ -214,6 +232,7 @@ class Session:
     read_only: bool
     go: bool
     no_zeroes: bool
+    meta: bool
     reqs: list[tuple[int, int, int, int, int]]
 
 
@@ -227,8 +246,15 @@ def sessions(draw: st.DrawFn) -> Session:
     for opt in draw(st.lists(st.sampled_from([3, 5, 6, 9, 99, 0xFFFFFFFF]), max_size=4)):
         data = go_data(draw(st.sampled_from(["", "d", "x"]))) if opt == 6 else b""
         stream += option(opt, data)
+    meta = False
     if structured:
         stream += option(OPT_SR)
+        if draw(st.booleans()):
+            # select base:allocation for "d" (or, when the query misses, select nothing)
+            query = draw(st.sampled_from(["base:allocation", "base:allocation", "base:x"]))
+            raw = struct.pack(">I", 1) + b"d" + struct.pack(">II", 1, len(query)) + query.encode()
+            stream += option(10, raw)
+            meta = query == "base:allocation"
     go = draw(st.booleans())
     if go:
         stream += option(OPT_GO, go_data(draw(st.sampled_from(["", "d"])), (3,)))
@@ -238,7 +264,7 @@ def sessions(draw: st.DrawFn) -> Session:
     for cmd, flags, offset, length, cookie in reqs:
         payload = bytes([cookie & 0xFF]) * length if cmd == WRITE else b""
         stream += request(cmd, cookie, offset, length, flags, payload)
-    return Session(stream, structured, read_only, go, no_zeroes, reqs)
+    return Session(stream, structured, read_only, go, no_zeroes, meta, reqs)
 
 
 # ---------------------------------------------------------------- properties
@@ -321,7 +347,13 @@ def test_requests_match_the_spec_oracle_and_replies_are_well_formed(session: Ses
     rest = evs[1:]
     for (cmd, flags, offset, length, cookie), ev in zip(reqs, rest, strict=False):
         want = expected_error(
-            cmd, flags, offset, length, structured=structured, read_only=read_only
+            cmd,
+            flags,
+            offset,
+            length,
+            structured=structured,
+            read_only=read_only,
+            meta=session.meta,
         )
         if want == "disc":
             assert ev == Disconnect("disc")
@@ -334,12 +366,14 @@ def test_requests_match_the_spec_oracle_and_replies_are_well_formed(session: Ses
         else:
             assert isinstance(ev, RequestRejected) and (ev.error, ev.cookie) == (want, cookie)
         # exactly one well-formed reply with the cookie
-        if structured and (want != 0 or cmd == READ):
+        if structured and (want != 0 or cmd in (READ, BLOCK_STATUS)):
             ch = c.chunk()
             assert ch.cookie == cookie and ch.flags == 1
             if want:
                 assert ch.type == CHUNK_ERROR
                 assert struct.unpack_from(">I", ch.payload)[0] == want
+            elif cmd == BLOCK_STATUS:  # Run.answer: one descriptor, status 0
+                assert ch.type == 5 and ch.payload == struct.pack(">III", 1, length, 0)
             elif length:
                 assert ch.type == CHUNK_DATA and ch.payload == struct.pack(">Q", offset) + bytes(
                     length

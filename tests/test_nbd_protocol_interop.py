@@ -61,8 +61,11 @@ def _need_libnbd_python() -> None:
 class MemServer:
     """In-memory NBD server: one thread per connection around a ServerConnection."""
 
-    def __init__(self, size: int, description: str = "protocol interop disk") -> None:
+    def __init__(
+        self, size: int, description: str = "protocol interop disk", block_status: bool = False
+    ) -> None:
         self.disk = bytearray(size)
+        self.block_status = block_status
         self.lock = threading.Lock()
         self.info = ExportInfo("mem", size, description=description)
         self.stats: Counter[str] = Counter()
@@ -107,6 +110,8 @@ class MemServer:
                 self.disk[lo:hi] = req.payload
             elif req.command in (Command.TRIM, Command.WRITE_ZEROES):
                 self.disk[lo:hi] = bytes(req.length)
+            elif req.command is Command.BLOCK_STATUS:
+                return conn.reply_block_status(req, self._extents(lo, hi))
             elif req.command is Command.READ:
                 data = bytes(self.disk[lo:hi])
                 if not conn.structured or req.df:
@@ -126,9 +131,25 @@ class MemServer:
                 return conn.reply_read(req, extents)
         return conn.reply_parts(req)
 
+    def _extents(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """base:allocation from the data: all-zero 4 KiB pieces are hole+zero."""
+        out: list[tuple[int, int]] = []
+        pos = lo
+        while pos < hi:
+            end = min(hi, (pos // PAGE + 1) * PAGE)
+            state = 3 if self.disk[pos:end].count(0) == end - pos else 0
+            if out and out[-1][1] == state:
+                out[-1] = (out[-1][0] + end - pos, state)
+            else:
+                out.append((end - pos, state))
+            pos = end
+        return out
+
     def _serve(self, s: socket.socket) -> None:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = ServerConnection({"mem": self.info}, default_export="mem")
+        conn = ServerConnection(
+            {"mem": self.info}, default_export="mem", block_status=self.block_status
+        )
         pending: list[list[Buffer]] = []
         try:
             s.sendall(conn.initial_bytes())
@@ -332,3 +353,54 @@ def test_qemu_io_pattern_writes_and_verifying_reads(server: MemServer) -> None:
     assert bytes(server.disk[1000:2000]) == b"\x11" * 1000
     assert bytes(server.disk[4096:8192]) == b"\x5a" * 4096
     assert bytes(server.disk[65536:131072]) == bytes(65536)
+
+
+@pytest.fixture
+def bs_server() -> Iterator[MemServer]:
+    srv = MemServer(1024 * 1024, block_status=True)
+    srv.disk[0:4096] = b"x" * 4096
+    srv.disk[65536 + 100 : 65536 + 200] = b"y" * 100
+    yield srv
+    srv.close()
+    assert srv.errors == []
+
+
+WANT_MAP = [(0, 4096, 0), (4096, 61440, 3), (65536, 4096, 0), (69632, 1024 * 1024 - 69632, 3)]
+
+
+def test_block_status_nbdinfo_map(bs_server: MemServer) -> None:
+    nbdinfo = _need("nbdinfo")
+    out = subprocess.run(
+        [nbdinfo, "--map", "--json", bs_server.uri],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    got = [(e["offset"], e["length"], e["type"]) for e in json.loads(out.stdout)]
+    assert got == WANT_MAP
+    info = subprocess.run(
+        [nbdinfo, "--json", bs_server.uri], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert json.loads(info.stdout)["exports"][0]["contexts"] == ["base:allocation"]
+    assert bs_server.stats["BLOCK_STATUS"] >= 1
+
+
+def test_block_status_qemu_img_map_and_convert(bs_server: MemServer, tmp_path: Path) -> None:
+    qemu_img = _need("qemu-img")
+    out = subprocess.run(
+        [qemu_img, "map", "--output=json", "-f", "raw", bs_server.uri],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    got = [(e["start"], e["length"], 0 if e["data"] else 3) for e in json.loads(out.stdout)]
+    assert got == WANT_MAP
+    dst = tmp_path / "copy.img"
+    subprocess.run(
+        [qemu_img, "convert", "-f", "raw", "-O", "raw", bs_server.uri, str(dst)],
+        check=True,
+        timeout=60,
+    )
+    assert dst.read_bytes() == bytes(bs_server.disk)

@@ -49,6 +49,11 @@ Rules the shell must follow:
   answered yet. ``Request.command`` (alias ``kind``) is a ``Command``; ``flags`` a
   ``CmdFlag`` with ``fua`` / ``no_hole`` / ``fast_zero`` / ``df`` shortcuts; a WRITE's
   ``payload`` is ``bytes`` (often the very object passed to receive_data, uncopied).
+* Opt-in ``block_status=True``: LIST/SET_META_CONTEXT offer ``base:allocation`` (after
+  STRUCTURED_REPLY), ``ExportSelected.meta_context`` says it was selected, and then
+  ``Request(command=BLOCK_STATUS)`` events arrive (REQ_ONE allowed); answer them with
+  ``reply_block_status(req, [(length, STATE_HOLE | STATE_ZERO), ...])``. Without the
+  option those options get ERR_UNSUP and BLOCK_STATUS is EINVAL.
 * WRITE payloads over the maximum but within the spec's 32 MiB "not a denial of
   service" bound are skipped and answered EINVAL; larger ones are a ProtocolError.
 * Invalid requests never reach the server: the connection queues the NBD error reply
@@ -77,6 +82,7 @@ from typing import Final, TypeAlias
 from tmem.errors import ConfigError, TmemError
 
 __all__ = [
+    "BASE_ALLOCATION",
     "EINVAL",
     "EIO",
     "ENOMEM",
@@ -93,6 +99,8 @@ __all__ = [
     "OPTION_REPLY_MAGIC",
     "REQUEST_MAGIC",
     "SIMPLE_REPLY_MAGIC",
+    "STATE_HOLE",
+    "STATE_ZERO",
     "STRUCTURED_REPLY_MAGIC",
     "Buffer",
     "ChunkType",
@@ -270,6 +278,13 @@ class ChunkType(enum.IntEnum):
 
 REPLY_FLAG_DONE: Final = 1
 
+BASE_ALLOCATION: Final = "base:allocation"
+META_CONTEXT_ID: Final = 1
+"""Our id for base:allocation (the only metadata context; ids are opaque to clients)."""
+STATE_HOLE: Final = 1 << 0
+STATE_ZERO: Final = 1 << 1
+MAX_EXTENTS: Final = 1 << 20
+
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -288,6 +303,7 @@ REQUEST_HEADER_SIZE: Final = _REQ_HDR.size  # 28
 _WRITES: Final = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
 _PAST_END_ERROR: Final = {
     Command.READ: EINVAL,
+    Command.BLOCK_STATUS: EINVAL,
     Command.TRIM: EINVAL,
     Command.CACHE: EINVAL,
     Command.WRITE: ENOSPC,
@@ -408,6 +424,7 @@ class ExportSelected:
     structured: bool
     max_payload: int
     block_size_acked: bool
+    meta_context: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,6 +524,37 @@ def _decode_string(raw: bytes) -> str | None:
         return None
 
 
+def _parse_meta_request(data: bytes) -> tuple[str, list[str]] | None:
+    """(export name, queries) of a LIST/SET_META_CONTEXT option, None if malformed."""
+    if len(data) < 8:
+        return None
+    (name_len,) = _U32.unpack_from(data, 0)
+    if name_len > len(data) - 8:
+        return None
+    name = _decode_string(data[4 : 4 + name_len])
+    pos = 4 + name_len
+    (count,) = _U32.unpack_from(data, pos)
+    pos += 4
+    if name is None or count > (len(data) - pos) // 4:
+        return None
+    queries = []
+    for _ in range(count):
+        if len(data) - pos < 4:
+            return None
+        (qlen,) = _U32.unpack_from(data, pos)
+        pos += 4
+        if qlen > len(data) - pos:
+            return None
+        query = _decode_string(data[pos : pos + qlen])
+        pos += qlen
+        if query is None:
+            return None
+        queries.append(query)
+    if pos != len(data):
+        return None
+    return name, queries
+
+
 def _message(text: str) -> bytes:
     raw = text.encode("utf-8", "replace").replace(b"\0", b"?")
     if len(raw) > MAX_STRING:
@@ -528,6 +576,7 @@ class ServerConnection:
         max_payload: int = MAX_PAYLOAD,
         max_option_length: int = MAX_OPTION_LENGTH,
         max_options: int = MAX_OPTIONS,
+        block_status: bool = False,
     ) -> None:
         if not 4096 <= max_payload <= 1 << 30:
             raise ConfigError(f"max_payload must be in [4096, 1 GiB]: {max_payload}")
@@ -540,6 +589,8 @@ class ServerConnection:
         self._skip_limit = max(max_payload, SPEC_SAFE_PAYLOAD)
         self._max_option_length = max_option_length
         self._max_options = max_options
+        self._block_status = block_status
+        self._meta_export: str | None = None  # export the last SET_META_CONTEXT selected for
 
         self._state = State.AWAIT_CLIENT_FLAGS
         self._buf = bytearray()
@@ -567,6 +618,7 @@ class ServerConnection:
         self.options_received = 0
         self.in_flight = 0
         self.shutting_down = False
+        self.meta_context = False  # base:allocation active: BLOCK_STATUS requests allowed
 
     # ---------------------------------------------------------------- public API
 
@@ -695,6 +747,11 @@ class ServerConnection:
                 request.offset,
             )
             return [hdr, data]
+        if request.command is Command.BLOCK_STATUS:
+            if data:
+                raise LocalProtocolError("use reply_block_status() for BLOCK_STATUS extents")
+            # "a server MAY always safely report a status of 0"
+            return self.reply_block_status(request, [(request.length, 0)])
         if data:
             raise LocalProtocolError(f"{request.command.name} replies carry no data")
         self._complete(request)
@@ -760,6 +817,36 @@ class ServerConnection:
                 parts.append(e)
                 offset += len(e)
         return parts
+
+    def reply_block_status(
+        self, request: Request, extents: Sequence[tuple[int, int]]
+    ) -> list[Buffer]:
+        """A successful BLOCK_STATUS reply: consecutive (length, STATE_HOLE|STATE_ZERO) from
+        ``request.offset``. Extents past the request are trimmed (REQ_ONE: just one)."""
+        if request.command is not Command.BLOCK_STATUS:
+            raise LocalProtocolError(f"reply_block_status() for {request.command.name}")
+        if not extents:
+            raise LocalProtocolError("BLOCK_STATUS needs at least one extent")
+        body = bytearray(_U32.pack(META_CONTEXT_ID))
+        covered = 0
+        limit = 1 if request.flags & CmdFlag.REQ_ONE else MAX_EXTENTS
+        for n, (length, flags) in enumerate(extents):
+            if length <= 0 or not 0 <= flags < 1 << 32:
+                raise LocalProtocolError(f"bad extent ({length}, {flags})")
+            if n == limit or covered >= request.length:
+                break
+            length = min(length, request.length - covered)
+            body += struct.pack(">II", length, flags)
+            covered += length
+        self._complete(request)
+        hdr = _CHUNK.pack(
+            STRUCTURED_REPLY_MAGIC,
+            REPLY_FLAG_DONE,
+            ChunkType.BLOCK_STATUS,
+            request.cookie,
+            len(body),
+        )
+        return [hdr + body]
 
     def _complete(self, request: Request) -> None:
         if self.in_flight > 0:
@@ -887,6 +974,9 @@ class ServerConnection:
                 )
             self._opt_reply(option, ReplyType.ACK)
             return None
+        if self._block_status and option in (Option.LIST_META_CONTEXT, Option.SET_META_CONTEXT):
+            self._meta_option(option, data)
+            return None
         if option == Option.STRUCTURED_REPLY:
             if data:
                 self._opt_error(option, ReplyType.ERR_INVALID, "STRUCTURED_REPLY takes no data")
@@ -901,12 +991,45 @@ class ServerConnection:
         self._opt_error(option, ReplyType.ERR_UNSUP, f"option {name} not supported")
         return None
 
+    def _meta_option(self, option: int, data: bytes) -> None:
+        """LIST/SET_META_CONTEXT; the only context is base:allocation."""
+        if option == Option.SET_META_CONTEXT:
+            self._meta_export = None  # a SET replaces the selection even when it fails
+        if not self.structured:
+            self._opt_error(option, ReplyType.ERR_INVALID, "negotiate structured replies first")
+            return
+        parsed = _parse_meta_request(data)
+        if parsed is None:
+            self._opt_error(option, ReplyType.ERR_INVALID, "malformed metadata context request")
+            return
+        name, queries = parsed
+        found = self._lookup(name)
+        if found is None:
+            self._opt_error(option, ReplyType.ERR_UNKNOWN, f"unknown export {name!r}")
+            return
+        if option == Option.LIST_META_CONTEXT:
+            hit = not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries)
+            ctx_id = 0  # reserved in LIST replies
+        else:
+            hit = BASE_ALLOCATION in queries
+            ctx_id = META_CONTEXT_ID
+            if hit:
+                self._meta_export = found[0]
+        if hit:
+            self._opt_reply(
+                option, ReplyType.META_CONTEXT, _U32.pack(ctx_id) + BASE_ALLOCATION.encode()
+            )
+        self._opt_reply(option, ReplyType.ACK)
+
     def _enter_transmission(self, name: str, info: ExportInfo, acked: bool) -> ExportSelected:
+        self.meta_context = self._meta_export == name
         self.export = info
         self.export_name = name
         self.flags = info.transmission_flags(self.structured)
         self._state = State.TRANSMISSION
-        return ExportSelected(name, info, self.flags, self.structured, self.max_payload, acked)
+        return ExportSelected(
+            name, info, self.flags, self.structured, self.max_payload, acked, self.meta_context
+        )
 
     def _export_name(self, data: bytes) -> Event:
         name = _decode_string(data)
@@ -993,9 +1116,13 @@ class ServerConnection:
         if command not in _PAST_END_ERROR and command != Command.FLUSH:
             return EINVAL, f"unknown or unsupported command {command}"
         cmd = Command(command)
+        if cmd is Command.BLOCK_STATUS and not self.meta_context:
+            return EINVAL, "BLOCK_STATUS without a negotiated metadata context"
         allowed = CmdFlag.FUA
         if cmd is Command.READ and self.structured:
             allowed |= CmdFlag.DF
+        elif cmd is Command.BLOCK_STATUS:
+            allowed |= CmdFlag.REQ_ONE
         elif cmd is Command.WRITE_ZEROES:
             allowed |= CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO
         if flags & ~int(allowed):  # int: ~ on an IntFlag drops unknown bits
@@ -1004,6 +1131,8 @@ class ServerConnection:
             if offset or length:
                 return EINVAL, "FLUSH with nonzero offset or length"
             return 0, ""
+        if cmd is Command.BLOCK_STATUS and length == 0:
+            return EINVAL, "BLOCK_STATUS of 0 bytes"
         if info.read_only and cmd in _WRITES:
             return EPERM, f"{cmd.name} on a read-only export"
         if cmd is Command.WRITE and length > self.max_payload:
