@@ -70,7 +70,6 @@ class BlockDeviceCounters:
     flushes: int = 0
     rmw: int = 0
     ram_stores: int = 0
-    huge_stores: int = 0
     backing_stores: int = 0  # pages sent straight to the backing file
     writeback_pages: int = 0  # LRU pages zcache (or we) moved from RAM to the file
     writeback_bytes: int = 0
@@ -156,11 +155,6 @@ class BlockDevice:
             zcache.writeback = self
         self.pool = self.zcache.new_pool(persistent=True)
         self.cache_pool = self.zcache.new_pool(persistent=False) if self._fd is not None else None
-        # FALLBACK for a Zcache without huge-page support (the dict stand-in): raw pages
-        # the pool refused, capped at the zcache budget in frames. Unused once zcache
-        # stores huge pages itself (then POOR_COMPRESSION never comes back here).
-        self._raw: dict[int, bytes] = {}
-        self._raw_limit = self.zcache.frames_total
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -203,7 +197,7 @@ class BlockDevice:
         return data if data is not None else self._read_cold(n)
 
     def _read_cold(self, n: int) -> bytes:
-        """A page that is not in the persistent pool: backing file, raw fallback or zeros."""
+        """A page that is not in the persistent pool: the backing file or zeros."""
         if n in self._in_backing:
             assert self._fd is not None and self.cache_pool is not None
             oid, index = _key(n)
@@ -221,15 +215,10 @@ class BlockDevice:
                 raise BlockDeviceError(errno.EIO, f"short read of page {n} from backing file")
             self.zcache.put_status(self.cache_pool, oid, index, data)
             return data
-        raw = self._raw.get(n)
-        if raw is not None:
-            return raw
         self.counters.zero_reads += 1
         return ZERO_PAGE
 
     def _write_page(self, n: int, page: bytes) -> None:
-        if self._raw:
-            self._raw.pop(n, None)
         result = self.zcache.put_status(self.pool, (n >> OBJ_SHIFT, 0, 0), n & OBJ_MASK, page)
         if result is PutResult.STORED:
             self.counters.ram_stores += 1
@@ -261,10 +250,6 @@ class BlockDevice:
             self._in_backing.add(n)
             self.counters.backing_stores += 1
             return
-        if result is PutResult.POOR_COMPRESSION and len(self._raw) < self._raw_limit:
-            self._raw[n] = bytes(page)
-            self.counters.huge_stores += 1
-            return
         self.counters.enospc += 1
         raise BlockDeviceError(errno.ENOSPC, "out of memory and no backing file")
 
@@ -273,8 +258,6 @@ class BlockDevice:
         self.zcache.flush_page(self.pool, oid, index)
         if self._fd is not None and n in self._in_backing:
             self._forget_backing(n)
-        if self._raw:
-            self._raw.pop(n, None)
 
     # -------------------------------------------------------------- byte ranges
     def _check(self, offset: int, length: int, err: int) -> None:
@@ -317,8 +300,6 @@ class BlockDevice:
             try:
                 for pos in range(0, len(data), PAGE_SIZE):
                     page = data[pos : pos + PAGE_SIZE]
-                    if self._raw:
-                        self._raw.pop(n, None)
                     result = put(pool, (n >> OBJ_SHIFT, 0, 0), n & OBJ_MASK, page)
                     if result is stored_ok:
                         stored += 1
@@ -452,5 +433,10 @@ class BlockDevice:
         out: dict[str, Any] = {f"blockdev_{k}": v for k, v in asdict(self.counters).items()}
         out["blockdev_size_bytes"] = self.size
         out["blockdev_backing_pages"] = self._in_backing.count
-        out["blockdev_huge_fallback_pages"] = len(self._raw)
+        # Current pages per tier (zcache is dedicated to this device, so its persistent
+        # counts are ours; the ephemeral pool is the cleancache of backing-file pages).
+        zs = self.zcache.stats()
+        out["blockdev_ram_pages"] = int(zs.get("pers_zpages", 0))
+        out["blockdev_huge_pages"] = int(zs.get("huge_pages", 0))
+        out["blockdev_cleancache_pages"] = int(zs.get("eph_zpages", 0))
         return out

@@ -38,7 +38,9 @@ _GAUGE_SUFFIXES = (
 )
 _GAUGE_NAMES = {
     "blockdev_backing_pages",
-    "blockdev_huge_fallback_pages",
+    "blockdev_ram_pages",
+    "blockdev_huge_pages",
+    "blockdev_cleancache_pages",
     "blockdev_size_bytes",
     "server_connections",
     "server_requests_in_flight",
