@@ -48,6 +48,9 @@ HIGH_WATER = 64 << 20
 LOW_WATER = 16 << 20
 INLINE_LIMIT = CHUNK_PAGES * 4096
 SHUTDOWN_GRACE = 2.0
+# A client must finish the handshake within this time: idle half-open connections
+# must not pile up (each costs a file descriptor and a connection object).
+HANDSHAKE_TIMEOUT = 30.0
 
 
 class ServerCounters:
@@ -68,9 +71,16 @@ class ServerCounters:
 class NbdServer:
     """Listens on TCP/unix sockets and serves one block device to every client."""
 
-    def __init__(self, device: BlockDevice, export_name: str = "") -> None:
+    def __init__(
+        self,
+        device: BlockDevice,
+        export_name: str = "",
+        *,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> None:
         self.device = device
         self.export_name = export_name
+        self.handshake_timeout = handshake_timeout
         self.counters = ServerCounters()
         self.shutting_down = False
         self._servers: list[asyncio.Server] = []
@@ -169,6 +179,7 @@ class _NbdProtocol(asyncio.Protocol):
         self._reading_paused = False
         self._writing_paused = False
         self._closing = False
+        self._handshake_timer: asyncio.TimerHandle | None = None
         self.peer = "?"
 
     # ---------------------------------------------------------- transport events
@@ -187,10 +198,19 @@ class _NbdProtocol(asyncio.Protocol):
             self.close()
             return
         transport.write(self.conn.initial_bytes())
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            self.server.handshake_timeout, self._handshake_timeout
+        )
         log.debug("client %s connected", self.peer)
         self._pump()
 
+    def _handshake_timeout(self) -> None:
+        if not self.transmitting and not self._closing:
+            self._drop(f"no handshake within {self.server.handshake_timeout} s")
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
         self.server._conns.discard(self)
         self._closing = True
         log.debug("client %s gone (%s)", self.peer, exc or "closed")
@@ -239,6 +259,8 @@ class _NbdProtocol(asyncio.Protocol):
                         self.server.counters.shutdown_replies += 1
                 elif isinstance(event, proto.ExportSelected):
                     self.transmitting = True
+                    if self._handshake_timer is not None:
+                        self._handshake_timer.cancel()
                     log.info("client %s selected export %r", self.peer, event.name)
                 elif isinstance(event, proto.Disconnect | proto.ConnectionClosed):
                     if isinstance(event, proto.ConnectionClosed) and not event.clean:
