@@ -51,6 +51,7 @@ SHUTDOWN_GRACE = 2.0
 # A client must finish the handshake within this time: idle half-open connections
 # must not pile up (each costs a file descriptor and a connection object).
 HANDSHAKE_TIMEOUT = 30.0
+FUA = int(proto.CmdFlag.FUA)  # tested with int(): IntFlag operators cost ~1 us each
 
 
 class ServerCounters:
@@ -175,6 +176,10 @@ class _NbdProtocol(asyncio.Protocol):
         self.transmitting = False
         self._inbox: collections.deque[bytes] = collections.deque()  # read, not yet fed
         self._inbox_bytes = 0
+        # Replies produced while handling one batch of input go out in one writelines()
+        # (one writev): at queue depth 32, one syscall instead of 32.
+        self._out: list[bytes | bytearray | memoryview] = []
+        self._out_bytes = 0
         self._needs_data = False  # next_event() said NEED_DATA: receive_data() allowed
         self._reading_paused = False
         self._writing_paused = False
@@ -239,6 +244,12 @@ class _NbdProtocol(asyncio.Protocol):
     def _pump(self) -> None:
         """Handle every complete event the connection has, unless we are overloaded."""
         try:
+            self._pump_events()
+        finally:
+            self._send()
+
+    def _pump_events(self) -> None:
+        try:
             while not self._closing and not self._overloaded():
                 if self._needs_data:
                     if not self._inbox:
@@ -278,7 +289,7 @@ class _NbdProtocol(asyncio.Protocol):
 
     def _overloaded(self) -> bool:
         out = self.transport.get_write_buffer_size() if self.transport else 0
-        return self._writing_paused or self.held + out > HIGH_WATER
+        return self._writing_paused or self.held + out + self._out_bytes > HIGH_WATER
 
     def _update_reading(self) -> None:
         if self.transport is None or self._closing:
@@ -294,9 +305,19 @@ class _NbdProtocol(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _flush_out(self) -> None:
+        """Queue what the protocol produced itself (handshake and error replies)."""
         out = self.conn.data_to_send()
-        if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(out)
+        if out:
+            self._out.append(out)
+            self._out_bytes += len(out)
+
+    def _send(self) -> None:
+        """Write every queued reply in one go."""
+        if not self._out:
+            return
+        out, self._out, self._out_bytes = self._out, [], 0
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
 
     def _reply(self, req: proto.Request, error: int = 0, data: bytes | None = None) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -307,7 +328,8 @@ class _NbdProtocol(asyncio.Protocol):
             log.exception("cannot reply to cookie %d from %s", req.cookie, self.peer)
             self._drop("reply failed")
             return
-        self.transport.writelines(parts)
+        self._out.extend(parts)
+        self._out_bytes += req.length if data is not None else 16
 
     # -------------------------------------------------------------- requests
     def _request(self, req: proto.Request) -> None:
@@ -315,7 +337,7 @@ class _NbdProtocol(asyncio.Protocol):
         cmd = req.command
         big = req.length > INLINE_LIMIT and cmd in (proto.Command.READ, proto.Command.WRITE)
         needs_await = cmd is proto.Command.FLUSH or (
-            req.fua and self.device.backing_path is not None
+            int(req.flags) & FUA and self.device.backing_path is not None
         )
         if not big and not needs_await:
             self._serve_inline(req)
@@ -349,7 +371,7 @@ class _NbdProtocol(asyncio.Protocol):
             else:
                 self._reply(req, errno.EINVAL)
                 return
-            if req.fua:
+            if int(req.flags) & FUA:
                 dev.flush()
             self._reply(req)
         except BlockDeviceError as exc:
@@ -382,7 +404,7 @@ class _NbdProtocol(asyncio.Protocol):
             else:
                 self._reply(req, errno.EINVAL)
                 return
-            if req.fua and cmd is not proto.Command.FLUSH:
+            if int(req.flags) & FUA and cmd is not proto.Command.FLUSH:
                 await dev.aflush()
             self._reply(req)
         except BlockDeviceError as exc:
@@ -394,6 +416,7 @@ class _NbdProtocol(asyncio.Protocol):
             self._reply(req, errno.EIO)
         finally:
             self.held -= req.length
+            self._send()
 
     # ---------------------------------------------------------------- closing
     def _finish_then_close(self) -> None:
@@ -417,6 +440,7 @@ class _NbdProtocol(asyncio.Protocol):
         self.server.counters.bad_clients += 1
         log.warning("dropping client %s: %s", self.peer, why)
         self._closing = True
+        self._send()
         if self.transport is not None:
             self.transport.close()
 
@@ -429,6 +453,7 @@ class _NbdProtocol(asyncio.Protocol):
 
     def close(self) -> None:
         self._closing = True
+        self._send()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
