@@ -12,7 +12,9 @@ Tiers, fastest first:
   budget is full (:meth:`BlockDevice.write_back` is the zcache writeback target).
   Which pages currently live there is a bitmap, one bit per page.
 * **cleancache** -- pages read back from the backing file are kept in an ephemeral
-  pool (evicted first by zcache's ouroboros) and invalidated on write.
+  pool (evicted first by zcache's ouroboros) and invalidated on write. A hit is an
+  exclusive get, as in the kernel: the page moves up to the client (whose own page
+  cache or swap cache holds it now), so a third read goes to the file again.
 
 Unwritten, trimmed and zeroed blocks read as zeros. Unaligned (e.g. 512-byte) I/O is
 read-modify-write of whole pages; each page's RMW runs without yielding, so two
