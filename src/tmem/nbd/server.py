@@ -117,8 +117,9 @@ class NbdServer:
             server.close()
         for conn in list(self._conns):
             conn.on_shutdown()
-        pending = [t for c in self._conns for t in c.tasks]
-        if pending:
+        # A WRITE whose header arrived before shutdown may still start a task when its
+        # payload completes, so wait until no connection has any task left.
+        while pending := [t for c in list(self._conns) for t in c.tasks]:
             await asyncio.gather(*pending, return_exceptions=True)
         with contextlib.suppress(BlockDeviceError):
             await self.device.aflush()
