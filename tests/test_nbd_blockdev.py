@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tmem import ConfigError, TmemError
+from tmem import ConfigError, RemotePageError, TmemError
 from tmem.nbd.blockdev import PAGES_PER_OBJECT, BlockDevice, BlockDeviceError
 
 PAGE = 4096
@@ -275,3 +275,65 @@ def test_random_ops_with_writeback_match_model(tmp_path: Path, seed: int) -> Non
     assert st["blockdev_cleancache_misses"] > 0
     assert st["blockdev_rmw"] > 0
     assert st["blockdev_enospc"] == 0
+
+
+class _FakeCluster:
+    """Stands in for the RAMster layer: remote pampds -> pages, and the free hook."""
+
+    def __init__(self) -> None:
+        self.pages: dict[object, bytes] = {}
+        self.freed: list[object] = []
+        self.fetches = 0
+
+    async def fetch(self, pool_id: int, oid: object, index: int, pampd: object) -> bytes:
+        self.fetches += 1
+        await asyncio.sleep(0)  # a real fetch is a network round trip
+        return self.pages[pampd]
+
+    def on_free(self, client: int, pool_id: int, oid: object, index: int, pampd: object) -> None:
+        self.freed.append(pampd)
+
+
+def _remotify(dev: BlockDevice, cluster: _FakeCluster, n: int, page: bytes) -> None:
+    pampd = ("peer", n)
+    cluster.pages[pampd] = page
+    dev.zcache.install_remote(dev.pool, (n >> 9, 0, 0), n & 511, pampd)
+
+
+def test_remote_pages_are_fetched_by_the_async_path() -> None:
+    dev = BlockDevice(64 * PAGE, memory="1MiB")
+    cluster = _FakeCluster()
+    dev.zcache.remote_hooks = cluster
+    dev.write(0, b"".join(text_page(i) for i in range(8)))
+    _remotify(dev, cluster, 9, text_page(9))
+    _remotify(dev, cluster, 12, text_page(12))
+    # the sync path cannot wait for the network: it says so
+    with pytest.raises(RemotePageError):
+        dev.read(9 * PAGE, PAGE)
+
+    async def main() -> bytes:
+        return await dev.aread(0, 16 * PAGE)
+
+    # no cluster attached: a clear EIO, not a crash
+    with pytest.raises(BlockDeviceError) as exc:
+        asyncio.run(main())
+    assert exc.value.errno == errno.EIO
+    dev.remote_fetch = cluster.fetch
+    got = asyncio.run(main())
+    expected = b"".join(text_page(i) for i in range(8)) + bytes(PAGE) + text_page(9)
+    expected += bytes(2 * PAGE) + text_page(12) + bytes(3 * PAGE)
+    assert got == expected
+    assert cluster.fetches == 2 and dev.counters.remote_fetches == 2
+    assert sorted(cluster.freed) == [("peer", 9), ("peer", 12)]  # repatriated: remote freed
+    assert dev.read(9 * PAGE, PAGE) == text_page(9)  # local now
+
+    # an unaligned write over a remote page: RMW fetches it first
+    _remotify(dev, cluster, 20, text_page(20))
+    asyncio.run(dev.awrite(20 * PAGE + 10, b"XYZ"))
+    assert dev.read(20 * PAGE, PAGE) == text_page(20)[:10] + b"XYZ" + text_page(20)[13:]
+    # a whole-page write over a remote page needs no fetch (the remote copy is freed)
+    _remotify(dev, cluster, 21, text_page(21))
+    fetches = cluster.fetches
+    asyncio.run(dev.awrite(21 * PAGE, text_page(99)))
+    assert cluster.fetches == fetches and ("peer", 21) in cluster.freed
+    assert dev.read(21 * PAGE, PAGE) == text_page(99)

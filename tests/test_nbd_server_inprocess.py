@@ -153,3 +153,34 @@ def test_idle_client_is_dropped_after_handshake_timeout(tmp_path: Path) -> None:
     rest, bad = asyncio.run(main())
     assert rest == b""
     assert bad == 1
+
+
+def test_small_read_of_a_remote_page_goes_async(tmp_path: Path) -> None:
+    """A 4 KiB read that hits a page on another node is awaited, not failed."""
+    page = b"remote page " * 341 + b"1234"
+    fetched = []
+
+    async def fetch(pool_id: int, oid: object, index: int, pampd: object) -> bytes:
+        fetched.append(pampd)
+        await asyncio.sleep(0.01)
+        return page
+
+    async def main() -> tuple[int, bytes]:
+        dev = BlockDevice(1 * MiB, memory="1MiB")
+        dev.remote_fetch = fetch
+        dev.zcache.install_remote(dev.pool, (0, 0, 0), 3, ("peer", 3))
+        server = srv.NbdServer(dev)
+        path = str(tmp_path / "s.sock")
+        await server.listen(Address(path=path))
+        reader, writer = await _handshake(path)
+        writer.write(_req(0, 7, 3 * 4096, 4096))
+        await writer.drain()
+        _m, err, _cookie = struct.unpack(">IIQ", await reader.readexactly(16))
+        data = await reader.readexactly(4096)
+        writer.close()
+        await server.shutdown(grace=0.1)
+        return err, data
+
+    err, data = asyncio.run(main())
+    assert err == 0 and data == page
+    assert fetched == [("peer", 3)]

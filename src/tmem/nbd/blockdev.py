@@ -32,12 +32,13 @@ import asyncio
 import errno
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from tmem.compress import PAGE_SIZE
-from tmem.errors import ConfigError, TmemError
+from tmem.errors import ConfigError, RemotePageError, TmemError
 from tmem.zcache import Oid, PutResult, Zcache
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,13 @@ ZERO_PAGE = bytes(PAGE_SIZE)
 # Pages processed between yields to the event loop in the async methods: 1 MiB of
 # work (a few ms) keeps other clients responsive during a 32 MiB request.
 CHUNK_PAGES = 256
+# How many times an async request re-fetches remote pages before giving up (a page can
+# be remotified again while we wait for another one).
+REMOTE_RETRIES = 4
+
+# (pool_id, oid, index, remote pampd) -> the page's 4096 bytes, from another node.
+RemoteFetch = Callable[[int, Oid, int, object], Awaitable[bytes]]
+T = TypeVar("T")
 
 
 class BlockDeviceError(TmemError):
@@ -80,6 +88,7 @@ class BlockDeviceCounters:
     cleancache_misses: int = 0
     zero_reads: int = 0
     enospc: int = 0
+    remote_fetches: int = 0  # pages brought home from a RAMster peer
 
 
 class _Bitmap:
@@ -155,6 +164,8 @@ class BlockDevice:
         )
         if zcache is not None and self._fd is not None and zcache.writeback is None:
             zcache.writeback = self
+        # Set by a cluster layer: fetches a page that zcache says lives on another node.
+        self.remote_fetch: RemoteFetch | None = None
         self.pool = self.zcache.new_pool(persistent=True)
         self.cache_pool = self.zcache.new_pool(persistent=False) if self._fd is not None else None
 
@@ -370,29 +381,62 @@ class BlockDevice:
                 raise BlockDeviceError(errno.EIO, f"fsync of backing file failed: {exc}") from exc
 
     # ---------------------------------------------------------- async interface
+    # The sync range functions raise RemotePageError when a page lives on another node
+    # (RAMster); the coroutines then bring those pages home and run the chunk again.
+    async def _with_remote(self, offset: int, length: int, op: Callable[[], T]) -> T:
+        for _ in range(REMOTE_RETRIES):
+            try:
+                return op()
+            except RemotePageError:
+                await self._repatriate(offset, length)
+        raise BlockDeviceError(errno.EIO, "remote pages kept moving; giving up")
+
+    async def _repatriate(self, offset: int, length: int) -> None:
+        """Fetch every remote page of the range and store it locally (RAMster repatriation).
+
+        Storing replaces the remote pampd, so zcache tells the cluster layer to free the
+        remote copy (``remote_hooks.on_free``).
+        """
+        if self.remote_fetch is None:
+            raise BlockDeviceError(errno.EIO, "page is on a remote node and no cluster is attached")
+        for n in range(offset >> PAGE_SHIFT, (offset + max(length, 1) - 1 >> PAGE_SHIFT) + 1):
+            oid, index = _key(n)
+            pampd = self.zcache.lookup(self.pool, oid, index)
+            if pampd is None or type(pampd) is int:
+                continue
+            try:
+                page = await self.remote_fetch(self.pool, oid, index, pampd)
+            except Exception as exc:
+                raise BlockDeviceError(
+                    errno.EIO, f"remote fetch of page {n} failed: {exc}"
+                ) from exc
+            if len(page) != PAGE_SIZE:
+                raise BlockDeviceError(errno.EIO, f"remote node sent {len(page)} bytes for a page")
+            self.counters.remote_fetches += 1
+            if self.zcache.lookup(self.pool, oid, index) is pampd:  # not rewritten meanwhile
+                self._write_page(n, page)
+
     async def aread(self, offset: int, length: int) -> bytes:
         """:meth:`read` in chunks, yielding to the loop between them."""
         self._check(offset, length, errno.EINVAL)
         self.counters.read_bytes += length
-        if length <= CHUNK_PAGES * PAGE_SIZE:
-            return self._read_range(offset, length)
         parts = []
         for pos, size in self._chunks(offset, length):
-            parts.append(self._read_range(pos, size))
-            await asyncio.sleep(0)
-        return b"".join(parts)
+            parts.append(await self._with_remote(pos, size, partial(self._read_range, pos, size)))
+            if size == CHUNK_PAGES * PAGE_SIZE:
+                await asyncio.sleep(0)
+        return parts[0] if len(parts) == 1 else b"".join(parts)  # [] -> b""
 
     async def awrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """:meth:`write` in chunks, yielding to the loop between them."""
         buf = data if isinstance(data, bytes) else bytes(memoryview(data).cast("B"))
         self._check(offset, len(buf), errno.ENOSPC)
         self.counters.write_bytes += len(buf)
-        if len(buf) <= CHUNK_PAGES * PAGE_SIZE:
-            self._write_range(offset, buf)
-            return
         for pos, size in self._chunks(offset, len(buf)):
-            self._write_range(pos, buf[pos - offset : pos - offset + size])
-            await asyncio.sleep(0)
+            chunk = buf[pos - offset : pos - offset + size] if size != len(buf) else buf
+            await self._with_remote(pos, size, partial(self._write_range, pos, chunk))
+            if size == CHUNK_PAGES * PAGE_SIZE:
+                await asyncio.sleep(0)
 
     async def atrim(self, offset: int, length: int) -> None:
         self._check(offset, length, errno.EINVAL)
@@ -405,7 +449,7 @@ class BlockDevice:
         self._check(offset, length, errno.ENOSPC)
         self.counters.zero_bytes += length
         for pos, size in self._chunks(offset, length, scale=16):
-            self._zero_range(pos, size, trim=False)
+            await self._with_remote(pos, size, partial(self._zero_range, pos, size, trim=False))
             await asyncio.sleep(0)
 
     async def aflush(self) -> None:

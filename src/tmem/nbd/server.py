@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from tmem.errors import ConfigError
+from tmem.errors import ConfigError, RemotePageError
 from tmem.nbd import protocol as proto
 from tmem.nbd.blockdev import CHUNK_PAGES, BlockDevice, BlockDeviceError
 from tmem.nbd.config import Address, ServeConfig
@@ -340,8 +340,7 @@ class _NbdProtocol(asyncio.Protocol):
         needs_await = cmd is proto.Command.FLUSH or (
             int(req.flags) & FUA and self.device.backing_path is not None
         )
-        if not big and not needs_await:
-            self._serve_inline(req)
+        if not big and not needs_await and self._serve_inline(req):
             return
         self.held += req.length
         task = asyncio.get_running_loop().create_task(self._serve(req))
@@ -353,13 +352,15 @@ class _NbdProtocol(asyncio.Protocol):
         if not self._closing:
             self._pump()
 
-    def _serve_inline(self, req: proto.Request) -> None:
+    def _serve_inline(self, req: proto.Request) -> bool:
+        """Serve a small request synchronously; False if it needs the async path (a page
+        lives on another node and must be awaited)."""
         dev = self.device
         cmd = req.command
         try:
             if cmd is proto.Command.READ:
                 self._reply(req, 0, dev.read(req.offset, req.length))
-                return
+                return True
             if cmd is proto.Command.WRITE:
                 assert req.payload is not None
                 dev.write(req.offset, req.payload)
@@ -371,10 +372,12 @@ class _NbdProtocol(asyncio.Protocol):
                 pass  # prefetch hint: every tier is already as close as it gets
             else:
                 self._reply(req, errno.EINVAL)
-                return
+                return True
             if int(req.flags) & FUA:
                 dev.flush()
             self._reply(req)
+        except RemotePageError:
+            return False  # idempotent so far: the task redoes it, awaiting the fetch
         except BlockDeviceError as exc:
             self.server.counters.request_errors += 1
             self._reply(req, exc.errno)
@@ -382,6 +385,7 @@ class _NbdProtocol(asyncio.Protocol):
             self.server.counters.internal_errors += 1
             log.exception("%s from %s failed", cmd.name, self.peer)
             self._reply(req, errno.EIO)
+        return True
 
     async def _serve(self, req: proto.Request) -> None:
         dev = self.device
