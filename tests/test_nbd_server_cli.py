@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from test_nbd_server_harness import SRC, Served, serve_factory
 
@@ -103,6 +104,11 @@ def test_metrics_and_stats_endpoints(serve: Any) -> None:
     assert "tmem_blockdev_write_bytes_total 8192.0" in text
     assert "tmem_blockdev_ram_stores_total 2.0" in text
     assert "tmem_server_connections " in text
+    # the whole exposition parses, with the real zcache's counters in it
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["tmem_blockdev_write_bytes"].type == "counter"
+    assert families["tmem_blockdev_ram_pages"].type == "gauge"
+    assert any(name.startswith("tmem_zcache_") for name in families)
     with pytest.raises(urllib.error.HTTPError) as exc:
         urllib.request.urlopen(s.stats_url + "/nope", timeout=10)
     assert exc.value.code == 404

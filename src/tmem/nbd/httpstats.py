@@ -16,7 +16,12 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    UnknownMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -25,17 +30,9 @@ Snapshot = Mapping[str, Mapping[str, int | float]]
 StatsSource = Callable[[], Snapshot]
 
 MAX_REQUEST_HEAD = 8192
-# Names in these sections that are levels, not monotonic counts.
-_GAUGE_SUFFIXES = (
-    "_total",
-    "_free",
-    "_pages",
-    "_bytes_now",
-    "_ratio",
-    "_size_bytes",
-    "_connections",
-    "_in_flight",
-)
+# blockdev_* and server_* names are counters except these levels. zcache's own names
+# (kernel debugfs style) mix counters and levels with no naming rule, so they are
+# exported untyped (Prometheus treats them like gauges) rather than guessed.
 _GAUGE_NAMES = {
     "blockdev_backing_pages",
     "blockdev_ram_pages",
@@ -45,17 +42,8 @@ _GAUGE_NAMES = {
     "server_connections",
     "server_requests_in_flight",
     "server_shutting_down",
+    "server_uptime_seconds",
 }
-
-
-def _is_counter(section: str, name: str) -> bool:
-    """blockdev/server counters are declared here; zcache's are guessed by name."""
-    full = name if name.startswith(section) else f"{section}_{name}"
-    if full in _GAUGE_NAMES:
-        return False
-    if section in ("blockdev", "server"):
-        return True
-    return not name.endswith(_GAUGE_SUFFIXES) and not name.startswith(("frames", "pool"))
 
 
 class TmemCollector(Collector):
@@ -71,12 +59,13 @@ class TmemCollector(Collector):
                     continue
                 base = name if name.startswith(section + "_") else f"{section}_{name}"
                 metric_name = "tmem_" + "".join(c if c.isalnum() else "_" for c in base)
-                if _is_counter(section, name):
-                    yield CounterMetricFamily(
-                        metric_name.removesuffix("_total"), f"{section} {name}", value=value
-                    )
+                doc = f"{section} {name}"
+                if section not in ("blockdev", "server"):
+                    yield UnknownMetricFamily(metric_name, doc, value=value)
+                elif base in _GAUGE_NAMES:
+                    yield GaugeMetricFamily(metric_name, doc, value=value)
                 else:
-                    yield GaugeMetricFamily(metric_name, f"{section} {name}", value=value)
+                    yield CounterMetricFamily(metric_name.removesuffix("_total"), doc, value=value)
 
 
 def render_metrics(source: StatsSource) -> bytes:
