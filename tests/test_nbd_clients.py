@@ -69,9 +69,10 @@ def test_nbdcopy_256mib_real_data_round_trip_multi_conn(serve: Any, tmp_path: Pa
     assert s.stop() == 0
 
 
-def test_qemu_io_patterns_aligned_and_unaligned(serve: Any) -> None:
+@pytest.mark.parametrize("loop", ["auto", "asyncio"])  # uvloop when installed, and without
+def test_qemu_io_patterns_aligned_and_unaligned(serve: Any, loop: str) -> None:
     need("qemu-io")
-    s = serve("--size", "16MiB", "--memory", "4MiB")
+    s = serve("--size", "16MiB", "--memory", "4MiB", loop=loop)
     cmds = [
         "write -P 0xab 0 1M",
         "write -P 0x11 513 1000",  # unaligned: read-modify-write of one page

@@ -68,7 +68,9 @@ class Served:
         return self.proc.wait(timeout=timeout)
 
 
-def start_server(tmp: Path, *args: str, stats: bool = True, timeout: float = 30) -> Served:
+def start_server(
+    tmp: Path, *args: str, stats: bool = True, timeout: float = 30, loop: str = "auto"
+) -> Served:
     """Run `python -m tmem serve` on an ephemeral port + a unix socket; wait until ready."""
     ready = tmp / f"ready-{time.monotonic_ns()}.json"
     sock = tmp / f"nbd-{time.monotonic_ns()}.sock"
@@ -80,7 +82,7 @@ def start_server(tmp: Path, *args: str, stats: bool = True, timeout: float = 30)
     ]  # fmt: skip
     if stats:
         cmd += ["--stats", "127.0.0.1:0"]
-    env = dict(os.environ, PYTHONPATH=str(SRC))
+    env = dict(os.environ, PYTHONPATH=str(SRC), TMEM_EVENT_LOOP=loop)
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + timeout
@@ -101,8 +103,8 @@ def serve_factory(tmp_path: Path) -> Iterator[Any]:
     every server is killed at teardown if a test did not stop it."""
     started: list[Served] = []
 
-    def factory(*args: str, stats: bool = True) -> Served:
-        s = start_server(tmp_path, *args, stats=stats)
+    def factory(*args: str, stats: bool = True, loop: str = "auto") -> Served:
+        s = start_server(tmp_path, *args, stats=stats, loop=loop)
         started.append(s)
         return s
 
