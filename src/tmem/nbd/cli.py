@@ -45,15 +45,23 @@ def serve_options(func: F) -> F:
             metavar="HOST:PORT|unix:PATH",
             help=f"Address to listen on (repeatable). Default {DEFAULT_LISTEN}.",
         ),
-        click.option("--size", help="Export size, e.g. 1GiB (multiple of 4 KiB). Default 1GiB."),
-        click.option("--memory", help="RAM budget for compressed pages. Default 256MiB."),
-        click.option("--compressor", help="lz4 (default), lzo or zstd."),
+        click.option(
+            "--size",
+            metavar="SIZE",
+            help="Export size, e.g. 1GiB (multiple of 4 KiB). Default 1GiB.",
+        ),
+        click.option(
+            "--memory", metavar="SIZE", help="RAM budget for compressed pages. Default 256MiB."
+        ),
+        click.option("--compressor", metavar="NAME", help="lz4 (default), lzo or zstd."),
         click.option(
             "--backing",
             type=click.Path(dir_okay=False),
             help="Sparse spill file for incompressible and written-back pages.",
         ),
-        click.option("--export-name", help="Export name (default: the empty name)."),
+        click.option(
+            "--export-name", metavar="NAME", help="Export name (default: the empty name)."
+        ),
         click.option(
             "--config",
             "config_file",
@@ -66,7 +74,11 @@ def serve_options(func: F) -> F:
             default=None,
             help="mlockall and oom_score_adj -1000 (for serving swap to another host).",
         ),
-        click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False)),
+        click.option(
+            "--log-level",
+            type=click.Choice(LOG_LEVELS, case_sensitive=False),
+            help="Log verbosity on stderr (default info).",
+        ),
         click.option(
             "--ready-file",
             type=click.Path(dir_okay=False),

@@ -533,7 +533,13 @@ async def serve_async(
         line = f"tmem serve: ready on {urls}"
         if "stats" in ready:
             line += f" stats {ready['stats']}"
-        log.info("%s (size %d, memory %d)", line, config.size, config.memory)
+        log.info(
+            "%s (size %d, memory %d, loop %s)",
+            line,
+            config.size,
+            config.memory,
+            type(loop).__module__.split(".")[0],
+        )
         print(line, flush=True)
         if config.ready_file:
             tmp = config.ready_file + ".tmp"
