@@ -268,6 +268,10 @@ def test_random_ops_with_writeback_match_model(tmp_path: Path, seed: int) -> Non
                 model[n * PAGE : (n + 1) * PAGE] = bytes(PAGE)
         else:
             assert dev.read(off, ln) == bytes(model[off : off + ln])
+        if rng.random() < 0.02:  # invariant: a page lives in RAM or in the file, not both
+            for n in range(npages):
+                in_ram = dev.zcache.lookup(dev.pool, (n >> 9, 0, 0), n & 511) is not None
+                assert not (in_ram and n in dev._in_backing), n
     assert dev.read(0, size) == bytes(model)
     st = dev.stats()
     assert st["blockdev_writeback_pages"] > 0

@@ -307,7 +307,7 @@ class BlockDevice:
         if not (offset | len(data)) & PAGE_MASK:
             # Fast path (whole pages): a store per page; refused pages take the slow path.
             put, pool, stored_ok = self.zcache.put_status, self.pool, PutResult.STORED
-            check_backing = self._fd is not None and self._in_backing.count > 0
+            in_backing = self._in_backing  # .count is re-read: writeback sets bits mid-loop
             n = offset >> PAGE_SHIFT
             stored = 0
             try:
@@ -316,11 +316,10 @@ class BlockDevice:
                     result = put(pool, (n >> OBJ_SHIFT, 0, 0), n & OBJ_MASK, page)
                     if result is stored_ok:
                         stored += 1
-                        if check_backing and n in self._in_backing:
+                        if in_backing.count and n in in_backing:
                             self._forget_backing(n)
                     else:
                         self._store_refused(n, page, result)
-                        check_backing = self._fd is not None
                     n += 1
             finally:
                 self.counters.ram_stores += stored
