@@ -341,3 +341,18 @@ def test_remote_pages_are_fetched_by_the_async_path() -> None:
     asyncio.run(dev.awrite(21 * PAGE, text_page(99)))
     assert cluster.fetches == fetches and ("peer", 21) in cluster.freed
     assert dev.read(21 * PAGE, PAGE) == text_page(99)
+
+
+def test_read_extents_pages_and_merged_holes() -> None:
+    dev = BlockDevice(2048 * PAGE, memory="1MiB")
+    dev.write(2 * PAGE, text_page(2) + text_page(3))
+    dev.write(600 * PAGE, text_page(600))
+    ext = dev.read_extents(0, 8 * PAGE)
+    assert ext == [2 * PAGE, text_page(2), text_page(3), 4 * PAGE]
+    assert dev.read_extents(100, 50) == [bytes(50)]  # unaligned: one buffer
+    assert dev.read_extents(0, 0) == []
+    # async: holes merge across the 1 MiB chunks too
+    got = asyncio.run(dev.aread_extents(4 * PAGE, 1000 * PAGE))
+    assert got == [596 * PAGE, text_page(600), 403 * PAGE]
+    flat = b"".join(bytes(e) if isinstance(e, int) else e for e in got)
+    assert flat == dev.read(4 * PAGE, 1000 * PAGE)
