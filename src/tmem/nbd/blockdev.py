@@ -304,28 +304,39 @@ class BlockDevice:
         return b"".join(parts)
 
     def _read_extents(self, offset: int, length: int) -> list[bytes | int]:
-        """Like _read_range, but as a list of pages and hole lengths (no join copy).
+        """Like _read_range, but as data runs and hole lengths.
 
-        Pages that were never written or were trimmed come back as an int (bytes of
-        zeros, merged): the NBD layer sends them as holes under structured replies.
+        Pages that were never written or were trimmed come back as an int (that many
+        bytes of zeros, merged): the NBD layer sends them as holes under structured
+        replies. Consecutive data pages are joined into one run, because one chunk per
+        page would cost the client a header and a recv per page.
         """
         if (offset | length) & PAGE_MASK:
             return [self._read_range(offset, length)] if length else []
         get, pool, cold, in_backing = self.zcache.get, self.pool, self._read_cold, self._in_backing
         out: list[bytes | int] = []
+        run: list[bytes] = []
+        hole = 0
         holes = 0
         for n in range(offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT):
             data = get(pool, (n >> OBJ_SHIFT, 0, 0), n & OBJ_MASK, False)
             if data is None:
                 if not (in_backing.count and n in in_backing):
+                    if run:
+                        out.append(run[0] if len(run) == 1 else b"".join(run))
+                        run = []
+                    hole += PAGE_SIZE
                     holes += 1
-                    if out and type(out[-1]) is int:
-                        out[-1] += PAGE_SIZE
-                    else:
-                        out.append(PAGE_SIZE)
                     continue
                 data = cold(n)
-            out.append(data)
+            if hole:
+                out.append(hole)
+                hole = 0
+            run.append(data)
+        if run:
+            out.append(run[0] if len(run) == 1 else b"".join(run))
+        elif hole:
+            out.append(hole)
         self.counters.zero_reads += holes
         return out
 
