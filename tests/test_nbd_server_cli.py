@@ -155,3 +155,14 @@ def test_mlock_and_oom_score_adj(serve: Any) -> None:
     else:  # no CAP_SYS_RESOURCE (a container): the server says so and runs on
         assert "cannot set oom_score_adj -1000" in s.log.read_text()
     assert s.stop() == 0
+
+
+def test_live_unix_socket_is_not_stolen(serve: Any) -> None:
+    first: Served = serve("--size", "1MiB", stats=False)
+    res = tmem("serve", "--listen", f"unix:{first.unix}", "--size", "1MiB")
+    assert res.returncode == 1
+    assert "in use by a running server" in res.stderr
+    with socket.socket(socket.AF_UNIX) as c:  # the first server still owns it
+        c.connect(first.unix)
+        assert c.recv(8) == b"NBDMAGIC"
+    assert first.stop() == 0

@@ -87,6 +87,7 @@ class NbdServer:
         self._servers: list[asyncio.Server] = []
         self._conns: set[_NbdProtocol] = set()
         self._unix_paths: list[str] = []
+        self.tasks: set[asyncio.Task[None]] = set()  # every connection's, incl. closed ones
         self.started = time.monotonic()
 
     # ------------------------------------------------------------- listening
@@ -95,9 +96,7 @@ class NbdServer:
         loop = asyncio.get_running_loop()
         if address.path is not None:
             path = address.path
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(os.lstat(path).st_mode):
-                    os.unlink(path)  # a stale socket from a previous run
+            self._remove_stale_socket(path)
             server = await loop.create_unix_server(lambda: _NbdProtocol(self), path)
             self._unix_paths.append(path)
             bound = f"unix:{path}"
@@ -110,6 +109,22 @@ class NbdServer:
         self._servers.append(server)
         return bound
 
+    @staticmethod
+    def _remove_stale_socket(path: str) -> None:
+        """Unlink a socket file left by a dead server; refuse to steal a live one."""
+        try:
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                return  # not a socket: let bind() report the error
+        except FileNotFoundError:
+            return
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # nobody listens: stale
+                return
+        raise ConfigError(f"{path} is in use by a running server")
+
     async def shutdown(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop accepting, finish in-flight requests, then close every connection."""
         self.shutting_down = True
@@ -119,7 +134,7 @@ class NbdServer:
             conn.on_shutdown()
         # A WRITE whose header arrived before shutdown may still start a task when its
         # payload completes, so wait until no connection has any task left.
-        while pending := [t for c in list(self._conns) for t in c.tasks]:
+        while pending := list(self.tasks):
             await asyncio.gather(*pending, return_exceptions=True)
         with contextlib.suppress(BlockDeviceError):
             await self.device.aflush()
@@ -366,10 +381,12 @@ class _NbdProtocol(asyncio.Protocol):
         self.held += req.length
         task = asyncio.get_running_loop().create_task(self._serve(req))
         self.tasks.add(task)
+        self.server.tasks.add(task)
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
+        self.server.tasks.discard(task)
         if not self._closing:
             self._pump()
 
