@@ -356,3 +356,15 @@ def test_read_extents_pages_and_merged_holes() -> None:
     assert got == [596 * PAGE, text_page(600), 403 * PAGE]
     flat = b"".join(bytes(e) if isinstance(e, int) else e for e in got)
     assert flat == dev.read(4 * PAGE, 1000 * PAGE)
+
+
+def test_backing_file_old_contents_discarded_and_emptied_on_close(tmp_path: Path) -> None:
+    backing = tmp_path / "spill"
+    backing.write_bytes(b"old run " * 100000)  # a leftover from a previous run
+    dev = BlockDevice(16 * PAGE, memory="1MiB", backing=backing)
+    assert backing.stat().st_size == 16 * PAGE
+    assert dev.read(0, 16 * PAGE) == bytes(16 * PAGE)
+    dev.write_back(dev.pool, (0, 0, 0), 1, text_page(1))
+    dev.close()
+    dev.close()  # idempotent
+    assert backing.stat().st_size == 0

@@ -220,3 +220,4 @@ def test_four_times_budget_with_backing_file(serve: Any, tmp_path: Path) -> None
     assert b["blockdev_ram_stores"] > 0
     assert backing.stat().st_size == 64 * MiB  # bounded by the export size
     assert s.stop() == 0
+    assert backing.stat().st_size == 0  # volatile: emptied on exit, disk space returned

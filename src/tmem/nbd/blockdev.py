@@ -29,9 +29,11 @@ objects stay small (flush_object is cheap) and neighbouring pages share an objec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -146,14 +148,10 @@ class BlockDevice:
         self.counters = BlockDeviceCounters()
         self.backing_path = os.fspath(backing) if backing is not None else None
         self._fd: int | None = None
+        self._closed = False
+        self._backing_is_file = False
         if self.backing_path is not None:
-            try:
-                self._fd = os.open(self.backing_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                # Sparse: truncating to the export size allocates nothing; the file can
-                # never grow past the export size because page N lives at N*4096.
-                os.ftruncate(self._fd, size)
-            except OSError as exc:
-                raise ConfigError(f"cannot use backing file {self.backing_path}: {exc}") from exc
+            self._fd = self._open_backing(self.backing_path, size)
         self._in_backing = _Bitmap(self.npages)
         # Without a backing file, incompressible pages are kept raw (zram's huge pages).
         self.zcache = zcache or Zcache(
@@ -169,10 +167,47 @@ class BlockDevice:
         self.pool = self.zcache.new_pool(persistent=True)
         self.cache_pool = self.zcache.new_pool(persistent=False) if self._fd is not None else None
 
+    def _open_backing(self, path: str, size: int) -> int:
+        """Open the spill file (or block device) for page N at offset N*4096.
+
+        A regular file is emptied and made sparse at the export size: its old contents
+        belong to a previous (volatile) run, and it can never grow past the export size.
+        A block device must be at least the export size.
+        """
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot use backing file {path}: {exc}") from exc
+        try:
+            if stat.S_ISBLK(os.fstat(fd).st_mode):
+                have = os.lseek(fd, 0, os.SEEK_END)
+                if have < size:
+                    raise ConfigError(f"backing device {path} has {have} bytes, need {size}")
+            else:
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, size)
+                self._backing_is_file = True
+        except OSError as exc:
+            os.close(fd)
+            raise ConfigError(f"cannot use backing file {path}: {exc}") from exc
+        except ConfigError:
+            os.close(fd)
+            raise
+        return fd
+
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
-        """Release the pools and the backing file (contents are gone: volatile)."""
+        """Drop the pools and empty the backing file (the contents are volatile)."""
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(TmemError):
+                self.zcache.destroy_pool(self.pool)
+                if self.cache_pool is not None:
+                    self.zcache.destroy_pool(self.cache_pool)
         if self._fd is not None:
+            if self._backing_is_file:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, 0)  # give the disk space back
             os.close(self._fd)
             self._fd = None
 
