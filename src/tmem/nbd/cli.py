@@ -57,7 +57,9 @@ def serve_options(func: F) -> F:
         click.option(
             "--backing",
             type=click.Path(dir_okay=False),
-            help="Sparse spill file for incompressible and written-back pages.",
+            metavar="PATH",
+            help="Spill file (sparse, emptied on start and exit) or block device for "
+            "incompressible and written-back pages.",
         ),
         click.option(
             "--export-name", metavar="NAME", help="Export name (default: the empty name)."
