@@ -273,6 +273,12 @@ def test_random_ops_with_writeback_match_model(tmp_path: Path, seed: int) -> Non
                 in_ram = dev.zcache.lookup(dev.pool, (n >> 9, 0, 0), n & 511) is not None
                 assert not (in_ram and n in dev._in_backing), n
     assert dev.read(0, size) == bytes(model)
+    pos = 0
+    for length, flags in dev.block_status(0, size):  # holes must read as zeros
+        if flags:
+            assert model[pos : pos + length] == bytes(length)
+        pos += length
+    assert pos == size
     st = dev.stats()
     assert st["blockdev_writeback_pages"] > 0
     assert st["blockdev_backing_stores"] > 0
@@ -368,3 +374,28 @@ def test_backing_file_old_contents_discarded_and_emptied_on_close(tmp_path: Path
     dev.close()
     dev.close()  # idempotent
     assert backing.stat().st_size == 0
+
+
+def test_block_status_extents(tmp_path: Path) -> None:
+    from tmem.nbd import blockdev
+
+    dev = BlockDevice(64 * PAGE, memory="64KiB", backing=tmp_path / "spill")
+    assert dev.block_status(0, 64 * PAGE) == [(64 * PAGE, 3)]
+    dev.write(4 * PAGE, b"".join(text_page(i) for i in range(30)))  # RAM + writeback
+    dev.write(40 * PAGE, random.Random(5).randbytes(PAGE))  # backing file
+    dev.trim(10 * PAGE, 2 * PAGE)
+    assert dev.block_status(0, 64 * PAGE) == [
+        (4 * PAGE, 3), (6 * PAGE, 0), (2 * PAGE, 3), (22 * PAGE, 0), (6 * PAGE, 3),
+        (PAGE, 0), (23 * PAGE, 3),
+    ]  # fmt: skip
+    assert dev.block_status(5 * PAGE + 100, 10) == [(PAGE - 100, 0)]
+    assert dev.block_status(0, 0) == []
+    # a huge request is answered in part (the client asks again for the rest)
+    old = blockdev.STATUS_PAGES
+    blockdev.STATUS_PAGES = 8
+    try:
+        assert dev.block_status(0, 64 * PAGE) == [(4 * PAGE, 3), (4 * PAGE, 0)]
+    finally:
+        blockdev.STATUS_PAGES = old
+    with pytest.raises(BlockDeviceError):
+        dev.block_status(60 * PAGE, 8 * PAGE)

@@ -221,3 +221,27 @@ def test_four_times_budget_with_backing_file(serve: Any, tmp_path: Path) -> None
     assert backing.stat().st_size == 64 * MiB  # bounded by the export size
     assert s.stop() == 0
     assert backing.stat().st_size == 0  # volatile: emptied on exit, disk space returned
+
+
+def test_block_status_map_with_nbdinfo_and_qemu_img(serve: Any) -> None:
+    """base:allocation: never-written, trimmed and zeroed pages are holes, data is data."""
+    need("nbdinfo", "qemu-io", "qemu-img")
+    s = serve("--size", "16MiB", "--memory", "4MiB")
+    run(["qemu-io", "-f", "raw", "-c", "write -P 0x11 4M 1M", "-c", "write -z 4608k 64k",
+         "-c", "discard 4M 4k", s.uri])  # fmt: skip
+    extents = json.loads(run(["nbdinfo", "--map", "--json", s.uri]).stdout)
+    got = [(e["offset"], e["length"], e["type"]) for e in extents]
+    assert got == [
+        (0, 4 * MiB + 4096, 3),
+        (4 * MiB + 4096, 512 * 1024 - 4096, 0),
+        (4608 * 1024, 64 * 1024, 3),
+        (4672 * 1024, 448 * 1024, 0),
+        (5 * MiB, 11 * MiB, 3),
+    ]
+    qmap = json.loads(run(["qemu-img", "map", "-f", "raw", "--output=json", s.uri]).stdout)
+    assert sum(e["length"] for e in qmap if e["data"]) == 1 * MiB - 64 * 1024 - 4096
+    # a copy skips the holes and is still byte-exact
+    res = run(["qemu-io", "-f", "raw", "-c", "read -P 0x11 4100k 508k", "-c", "read -P 0 0 4M",
+               s.uri])  # fmt: skip
+    assert "Pattern verification failed" not in res.stdout
+    assert s.stop() == 0

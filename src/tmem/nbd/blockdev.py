@@ -54,6 +54,7 @@ ZERO_PAGE = bytes(PAGE_SIZE)
 # Pages processed between yields to the event loop in the async methods: 1 MiB of
 # work (a few ms) keeps other clients responsive during a 32 MiB request.
 CHUNK_PAGES = 256
+STATUS_PAGES = 32768  # pages per block status reply (128 MiB, a few ms to scan)
 # How many times an async request re-fetches remote pages before giving up (a page can
 # be remotified again while we wait for another one).
 REMOTE_RETRIES = 4
@@ -153,6 +154,8 @@ class BlockDevice:
         if self.backing_path is not None:
             self._fd = self._open_backing(self.backing_path, size)
         self._in_backing = _Bitmap(self.npages)
+        # Pages holding data (in any tier), for NBD block status: clear bits are holes.
+        self._written = bytearray((self.npages + 7) // 8)
         # Without a backing file, incompressible pages are kept raw (zram's huge pages).
         self.zcache = zcache or Zcache(
             memory,
@@ -267,6 +270,7 @@ class BlockDevice:
         return ZERO_PAGE
 
     def _write_page(self, n: int, page: bytes) -> None:
+        self._written[n >> 3] |= 1 << (n & 7)
         result = self.zcache.put_status(self.pool, (n >> OBJ_SHIFT, 0, 0), n & OBJ_MASK, page)
         if result is PutResult.STORED:
             self.counters.ram_stores += 1
@@ -293,15 +297,18 @@ class BlockDevice:
                 os.pwrite(self._fd, page, n * PAGE_SIZE)
             except OSError as exc:
                 self.counters.enospc += 1
+                self._written[n >> 3] &= ~(1 << (n & 7)) & 0xFF  # old copy is gone too
                 err = errno.ENOSPC if exc.errno in (errno.ENOSPC, errno.EDQUOT) else errno.EIO
                 raise BlockDeviceError(err, f"backing file write failed: {exc}") from exc
             self._in_backing.add(n)
             self.counters.backing_stores += 1
             return
         self.counters.enospc += 1
+        self._written[n >> 3] &= ~(1 << (n & 7)) & 0xFF  # old copy is gone too
         raise BlockDeviceError(errno.ENOSPC, "out of memory and no backing file")
 
     def _discard_page(self, n: int) -> None:
+        self._written[n >> 3] &= ~(1 << (n & 7)) & 0xFF
         oid, index = _key(n)
         self.zcache.flush_page(self.pool, oid, index)
         if self._fd is not None and n in self._in_backing:
@@ -380,11 +387,13 @@ class BlockDevice:
             # Fast path (whole pages): a store per page; refused pages take the slow path.
             put, pool, stored_ok = self.zcache.put_status, self.pool, PutResult.STORED
             in_backing = self._in_backing  # .count is re-read: writeback sets bits mid-loop
+            written = self._written
             n = offset >> PAGE_SHIFT
             stored = 0
             try:
                 for pos in range(0, len(data), PAGE_SIZE):
                     page = data[pos : pos + PAGE_SIZE]
+                    written[n >> 3] |= 1 << (n & 7)
                     result = put(pool, (n >> OBJ_SHIFT, 0, 0), n & OBJ_MASK, page)
                     if result is stored_ok:
                         stored += 1
@@ -415,6 +424,34 @@ class BlockDevice:
                 self.counters.rmw += 1
                 old = self._read_page(n)
                 self._write_page(n, old[:start] + bytes(stop - start) + old[stop:])
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """NBD ``base:allocation`` extents from ``offset``: (length, flags), where flags
+        3 (HOLE | ZERO) marks pages never written or trimmed and 0 marks data.
+
+        Scans at most STATUS_PAGES pages (a bounded pause); the client asks again for
+        the rest, as the protocol allows a reply shorter than the request.
+        """
+        self._check(offset, length, errno.EINVAL)
+        if length == 0:
+            return []
+        written = self._written
+        first = offset >> PAGE_SHIFT
+        end = min((offset + length - 1 >> PAGE_SHIFT) + 1, first + STATUS_PAGES)
+        out: list[tuple[int, int]] = []
+        state = -1
+        run = 0
+        for n in range(first, end):
+            st = 0 if written[n >> 3] & (1 << (n & 7)) else 3
+            if st != state:
+                if run:
+                    out.append((run, state))
+                state, run = st, 0
+            run += PAGE_SIZE
+        out.append((run, state))
+        head = offset & PAGE_MASK  # the first extent starts at offset, not at its page
+        out[0] = (out[0][0] - head, out[0][1])
+        return out
 
     # ----------------------------------------------------------- sync interface
     def read(self, offset: int, length: int) -> bytes:

@@ -184,7 +184,9 @@ class _NbdProtocol(asyncio.Protocol):
         self.device = server.device
         name = server.export_name
         self.conn = proto.ServerConnection(
-            {name: proto.ExportInfo(name, server.device.size)}, default_export=name
+            {name: proto.ExportInfo(name, server.device.size)},
+            default_export=name,
+            block_status=True,  # base:allocation: clients skip never-written ranges
         )
         self.transport: asyncio.Transport | None = None
         self.tasks: set[asyncio.Task[None]] = set()
@@ -408,6 +410,10 @@ class _NbdProtocol(asyncio.Protocol):
                 dev.write_zeroes(req.offset, req.length)
             elif cmd is proto.Command.CACHE:
                 pass  # prefetch hint: every tier is already as close as it gets
+            elif cmd is proto.Command.BLOCK_STATUS:
+                extents = dev.block_status(req.offset, req.length)
+                self._out.extend(self.conn.reply_block_status(req, extents))
+                return True
             else:
                 self._reply(req, errno.EINVAL)
                 return True
@@ -443,6 +449,10 @@ class _NbdProtocol(asyncio.Protocol):
                 await dev.aflush()
             elif cmd is proto.Command.CACHE:
                 pass
+            elif cmd is proto.Command.BLOCK_STATUS:
+                extents = dev.block_status(req.offset, req.length)
+                self._out.extend(self.conn.reply_block_status(req, extents))
+                return
             else:
                 self._reply(req, errno.EINVAL)
                 return
