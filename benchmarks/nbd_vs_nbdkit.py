@@ -221,7 +221,7 @@ def main() -> None:
     ap.add_argument("--memory", default="512MiB", help="tmem RAM budget for the throughput run")
     ap.add_argument("--connections", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--iops-count", type=int, default=50000)
+    ap.add_argument("--iops-count", type=int, default=100000)
     ap.add_argument("--skip-writeback", action="store_true")
     args = ap.parse_args()
     for tool in ("nbdkit", "nbdcopy", "qemu-img"):
