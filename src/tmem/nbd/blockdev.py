@@ -20,6 +20,13 @@ Unwritten, trimmed and zeroed blocks read as zeros. Unaligned (e.g. 512-byte) I/
 read-modify-write of whole pages; each page's RMW runs without yielding, so two
 clients writing different sectors of one page never lose an update.
 
+A second bitmap records which pages hold data at all (any tier): NBD block status
+(``base:allocation``) reports the rest as holes, so clients skip them when copying.
+
+Pages of a RAMster cluster may live on another node (zcache raises RemotePageError);
+the sync methods cannot wait for the network, so the ``a*`` coroutines fetch such
+pages through :attr:`BlockDevice.remote_fetch`, store them locally and retry.
+
 The export is volatile like zram: contents live while the process runs.
 
 Keys: page N is ``oid=(N // PAGES_PER_OBJECT, 0, 0), index=N % PAGES_PER_OBJECT`` so
