@@ -77,7 +77,7 @@ import errno as _errno
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final, TypeAlias
+from typing import ClassVar, Final, TypeAlias
 
 from tmem.errors import ConfigError, TmemError
 
@@ -309,6 +309,12 @@ _PAST_END_ERROR: Final = {
     Command.WRITE: ENOSPC,
     Command.WRITE_ZEROES: ENOSPC,
 }
+# Lookups instead of Enum construction on the per-request path (EnumType.__call__ costs
+# about a microsecond): every command value, and every combination of known flag bits.
+_COMMANDS: Final[dict[int, Command]] = {int(c): c for c in Command}
+_CMD_FLAGS: Final[dict[int, CmdFlag]] = {f: CmdFlag(f) for f in range(32)}
+_READ: Final = Command.READ
+_WRITE: Final = Command.WRITE
 
 
 # --------------------------------------------------------------------------- data types
@@ -396,18 +402,20 @@ class State(enum.Enum):
 class NeedData:
     """Sentinel type: feed more bytes with receive_data()."""
 
-    _instance: NeedData | None = None
+    _instance: ClassVar[NeedData | None] = None
 
     def __new__(cls) -> NeedData:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
+        inst = NeedData._instance
+        if inst is None:
+            inst = NeedData._instance = super().__new__(cls)
+        return inst
 
     def __repr__(self) -> str:
         return "NEED_DATA"
 
 
 NEED_DATA: Final = NeedData()
+_TRANSMISSION: Final = State.TRANSMISSION
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,7 +453,7 @@ class Request:
 
     @property
     def fua(self) -> bool:
-        return bool(self.flags & CmdFlag.FUA)
+        return int(self.flags) & 1 != 0  # int: IntFlag's & builds a new member
 
     @property
     def no_hole(self) -> bool:
@@ -619,6 +627,11 @@ class ServerConnection:
         self.in_flight = 0
         self.shutting_down = False
         self.meta_context = False  # base:allocation active: BLOCK_STATUS requests allowed
+        # Copies of the selected export's limits for the READ/WRITE fast path in
+        # _read_request (ExportInfo is frozen, so they cannot go stale); -1: no export.
+        self._fast_max = -1
+        self._fast_size = 0
+        self._fast_write = False
 
     # ---------------------------------------------------------------- public API
 
@@ -690,9 +703,14 @@ class ServerConnection:
         if self._terminal is not None:
             return self._terminal
         while True:
-            if self._state is State.AWAIT_CLIENT_FLAGS:
+            state = self._state
+            if state is _TRANSMISSION:
+                result = self._read_request()
+                if type(result) is Request or result is NEED_DATA:
+                    return result  # the common cases, without the terminal checks
+            elif state is State.AWAIT_CLIENT_FLAGS:
                 result = self._read_client_flags()
-            elif self._state is State.NEGOTIATING:
+            elif state is State.NEGOTIATING:
                 result = self._read_option()
             else:
                 result = self._read_request()
@@ -1026,6 +1044,9 @@ class ServerConnection:
         self.export = info
         self.export_name = name
         self.flags = info.transmission_flags(self.structured)
+        self._fast_max = self.max_payload
+        self._fast_size = info.size
+        self._fast_write = not info.read_only
         self._state = State.TRANSMISSION
         return ExportSelected(
             name, info, self.flags, self.structured, self.max_payload, acked, self.meta_context
@@ -1115,7 +1136,7 @@ class ServerConnection:
         assert info is not None
         if command not in _PAST_END_ERROR and command != Command.FLUSH:
             return EINVAL, f"unknown or unsupported command {command}"
-        cmd = Command(command)
+        cmd = _COMMANDS[command]
         if cmd is Command.BLOCK_STATUS and not self.meta_context:
             return EINVAL, "BLOCK_STATUS without a negotiated metadata context"
         allowed = CmdFlag.FUA
@@ -1162,6 +1183,23 @@ class ServerConnection:
         if magic != REQUEST_MAGIC:
             return ProtocolError(f"bad request magic {magic:#x}")
         self._pos += REQUEST_HEADER_SIZE
+        # Fast path: a READ or WRITE with no flag but FUA, inside the export and the
+        # payload limit, is valid (the checks _validate would make, in one comparison).
+        if (
+            command <= 1
+            and flags <= 1
+            and length <= self._fast_max
+            and offset + length <= self._fast_size
+            and not self.shutting_down
+        ):
+            if command == 0:
+                self.in_flight += 1
+                return Request(_READ, _CMD_FLAGS[flags], cookie, offset, length)
+            if self._fast_write:
+                self._payload_hdr = (flags, command, cookie, offset, length)
+                self._payload_need = length
+                self._payload_parts = []
+                return self._collect_payload()
         if command == Command.DISC:
             return Disconnect("disc")
         if command == Command.WRITE:
@@ -1192,7 +1230,7 @@ class ServerConnection:
         if error:
             return self._reject(cookie, command, flags, offset, length, error, reason)
         self.in_flight += 1
-        return Request(Command(command), CmdFlag(flags), cookie, offset, length)
+        return Request(_COMMANDS[command], _CMD_FLAGS[flags], cookie, offset, length)
 
     def _collect_payload(self) -> Event | NeedData:
         if self._payload_need:
@@ -1208,4 +1246,4 @@ class ServerConnection:
         parts, self._payload_parts = self._payload_parts, []
         payload = parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
         self.in_flight += 1
-        return Request(Command.WRITE, CmdFlag(flags), cookie, offset, length, payload)
+        return Request(_WRITE, _CMD_FLAGS[flags], cookie, offset, length, payload)
