@@ -12,7 +12,13 @@ import os
 
 from setuptools import setup
 
-COMPILED = ["src/tmem/tmem_core.py", "src/tmem/zbud.py", "src/tmem/zcache.py"]
+COMPILED = [
+    "src/tmem/tmem_core.py",
+    "src/tmem/zbud.py",
+    "src/tmem/zcache.py",
+    "src/tmem/nbd/protocol.py",
+    "src/tmem/nbd/blockdev.py",
+]
 
 ext_modules = []
 if not os.environ.get("TMEM_PURE_PYTHON"):

@@ -800,7 +800,7 @@ class ServerConnection:
                 f"extents cover {total} bytes, READ of {request.length} requested"
             )
         if not self.structured or request.df or not extents:
-            flat = b"".join(bytes(e) if isinstance(e, int) else e for e in extents)
+            flat = b"".join([bytes(e) if isinstance(e, int) else e for e in extents])
             return self.reply_parts(request, 0, flat)
         self._complete(request)
         parts: list[Buffer] = []
