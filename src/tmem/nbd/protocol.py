@@ -781,29 +781,58 @@ class ServerConnection:
         """Like reply_parts(), joined into one bytes object."""
         return b"".join(self.reply_parts(request, error, data, message))
 
-    def reply_read(self, request: Request, extents: Sequence[Buffer | int]) -> list[Buffer]:
+    def reply_read(
+        self, request: Request, extents: Sequence[Buffer | int | Sequence[Buffer]]
+    ) -> list[Buffer]:
         """A successful READ reply from consecutive extents: data buffers or hole lengths.
 
+        A data extent may also be a sequence of buffers (e.g. pages): it goes out as one
+        data run without being joined, so the reply costs no copy of the data.
         With structured replies (and no DF flag) holes go out as OFFSET_HOLE chunks, so
         never-written ranges cost 32 bytes on the wire; otherwise they are sent as zeros.
         """
         if request.command is not Command.READ:
             raise LocalProtocolError(f"reply_read() for {request.command.name}")
-        total = 0
+        sizes: list[int] = []
         for e in extents:
-            n = e if isinstance(e, int) else len(e)
+            if isinstance(e, int):
+                n = e
+            elif isinstance(e, bytes | bytearray | memoryview):
+                n = len(e)
+            else:
+                n = sum([len(b) for b in e])
             if n <= 0:
                 raise LocalProtocolError("READ extents must be non-empty")
-            total += n
+            sizes.append(n)
+        total = sum(sizes)
         if total != request.length:
             raise LocalProtocolError(
                 f"extents cover {total} bytes, READ of {request.length} requested"
             )
-        if not self.structured or request.df or not extents:
-            flat = b"".join([bytes(e) if isinstance(e, int) else e for e in extents])
-            return self.reply_parts(request, 0, flat)
-        self._complete(request)
+        if not extents:
+            return self.reply_parts(request, 0, b"")
         parts: list[Buffer] = []
+        if not self.structured or request.df:  # one run of data, holes as zeros
+            for e in extents:
+                if isinstance(e, int):
+                    parts.append(bytes(e))
+                elif isinstance(e, bytes | bytearray | memoryview):
+                    parts.append(e)
+                else:
+                    parts.extend(e)
+            self._complete(request)
+            if not self.structured:
+                return [_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, request.cookie), *parts]
+            hdr = _CHUNK_OFFSET.pack(
+                STRUCTURED_REPLY_MAGIC,
+                REPLY_FLAG_DONE,
+                ChunkType.OFFSET_DATA,
+                request.cookie,
+                8 + total,
+                request.offset,
+            )
+            return [hdr, *parts]
+        self._complete(request)
         offset = request.offset
         last = len(extents) - 1
         for i, e in enumerate(extents):
@@ -820,7 +849,6 @@ class ServerConnection:
                     )
                     + _U32.pack(e)
                 )
-                offset += e
             else:
                 parts.append(
                     _CHUNK_OFFSET.pack(
@@ -828,12 +856,15 @@ class ServerConnection:
                         flags,
                         ChunkType.OFFSET_DATA,
                         request.cookie,
-                        8 + len(e),
+                        8 + sizes[i],
                         offset,
                     )
                 )
-                parts.append(e)
-                offset += len(e)
+                if isinstance(e, bytes | bytearray | memoryview):
+                    parts.append(e)
+                else:
+                    parts.extend(e)
+            offset += sizes[i]
         return parts
 
     def reply_block_status(
