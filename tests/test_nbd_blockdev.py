@@ -399,3 +399,135 @@ def test_block_status_extents(tmp_path: Path) -> None:
         blockdev.STATUS_PAGES = old
     with pytest.raises(BlockDeviceError):
         dev.block_status(60 * PAGE, 8 * PAGE)
+
+
+# ------------------------------------------------------- parallel compression of writes
+def _mixed_pages(n: int, seed: int) -> list[bytes]:
+    """Compressible, incompressible (huge), zero and same-filled pages, shuffled."""
+    rng = random.Random(seed)
+    kinds = [
+        lambda i: text_page(i),
+        lambda i: random_page(rng),
+        lambda i: bytes(PAGE),
+        lambda i: (i % 251 + 1).to_bytes(8, "little") * (PAGE // 8),
+    ]
+    return [rng.choice(kinds)(i) for i in range(n)]
+
+
+def _device(monkeypatch: pytest.MonkeyPatch, threads: int, **kw: object) -> BlockDevice:
+    monkeypatch.setenv("TMEM_COMPRESS_THREADS", str(threads))
+    return BlockDevice(**kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_parallel_write_matches_sequential(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    """Big writes compressed by worker threads store exactly what the one-thread path
+    stores: same contents, tiers, counters and zcache statistics."""
+    pages = _mixed_pages(600, seed=3)
+    devs = [
+        _device(monkeypatch, t, size=1024 * PAGE, memory="4MiB", compressor="lz4")
+        for t in (0, threads)
+    ]
+    assert devs[0]._nworkers == 0 and devs[1]._nworkers == threads
+    for dev in devs:
+        # 64-page writes (parallel), a 17-page one at an odd page, and an overwrite.
+        for start in range(0, 512, 64):
+            dev.write(start * PAGE, b"".join(pages[start : start + 64]))
+        dev.write(513 * PAGE, b"".join(pages[513:530]))
+        dev.write(32 * PAGE, b"".join(reversed(pages[32:96])))
+    expect = devs[0].read(0, 1024 * PAGE)
+    assert devs[1].read(0, 1024 * PAGE) == expect
+    assert devs[1].stats() == devs[0].stats()
+    zs = [d.zcache.stats() for d in devs]
+    assert zs[1] == zs[0]
+    assert zs[0]["huge_pages"] > 0 and zs[0]["zero_filled_pages"] > 0
+    assert zs[0]["same_filled_pages"] > zs[0]["zero_filled_pages"]
+    for dev in devs:
+        dev.close()
+    assert devs[1]._workers is None  # close() stops the threads
+
+
+def test_parallel_write_enospc_stops_at_the_same_page(monkeypatch: pytest.MonkeyPatch) -> None:
+    results = []
+    for threads in (0, 1):
+        dev = _device(monkeypatch, threads, size=1024 * PAGE, memory="64KiB")
+        with pytest.raises(BlockDeviceError) as exc:
+            dev.write(0, b"".join(text_page(i) for i in range(512)))
+        assert exc.value.errno == errno.ENOSPC
+        written = dev.block_status(0, 1024 * PAGE)
+        results.append(
+            (dev.counters.ram_stores, dev.counters.enospc, written, dev.read(0, 1 << 20))
+        )
+    assert results[0] == results[1]
+    assert results[0][1] == 1
+
+
+def test_parallel_write_with_writeback_reads_back(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, anon_pages: list[bytes]
+) -> None:
+    """Writeback runs inside the stores of a parallel write (zcache calls it when the
+    budget is full): everything still reads back, tier counters agree with one thread."""
+    pages = (anon_pages * (1024 // len(anon_pages) + 1))[:1024]
+    data = b"".join(pages)
+    snaps = []
+    for threads in (0, 2):
+        dev = _device(
+            monkeypatch, threads, size=1024 * PAGE, memory="1MiB", backing=tmp_path / f"b{threads}"
+        )
+        for pos in range(0, len(data), 128 * PAGE):
+            dev.write(pos, data[pos : pos + 128 * PAGE])
+        assert dev.read(0, len(data)) == data
+        assert dev.counters.writeback_pages > 0
+        snaps.append(dev.stats())
+        dev.close()
+    assert snaps[0] == snaps[1]
+
+
+def test_put_precompressed_matches_put_status() -> None:
+    """Zcache.put_precompressed (the parallel write's store) decides like put_status."""
+    from tmem.zcache import PutResult, Zcache
+
+    rng = random.Random(5)
+    kinds = [text_page, lambda i: random_page(rng), lambda i: bytes(PAGE), lambda i: b"\7" * PAGE]
+    pages = [kinds[i % 4 if i % 3 else 0](i) for i in range(24)]
+    for huge in (False, True):
+        a = Zcache("8KiB", huge_pages=huge, prefault=False)
+        b = Zcache("8KiB", huge_pages=huge, prefault=False)
+        pa, pb = a.new_pool(persistent=True), b.new_pool(persistent=True)
+        got_a, got_b = [], []
+        for i, page in enumerate(pages):
+            got_a.append(a.put_status(pa, (0, 0, 0), i, page))
+            got_b.append(b.put_precompressed(pb, (0, 0, 0), i, page, b.compressor.compress(page)))
+        assert got_a == got_b
+        assert {PutResult.STORED, PutResult.NO_MEMORY} <= set(got_a)
+        assert (PutResult.POOR_COMPRESSION in got_a) is not huge
+        assert a.stats() == b.stats()
+        for i in range(len(pages)):
+            assert a.get(pa, (0, 0, 0), i) == b.get(pb, (0, 0, 0), i)
+        with pytest.raises(TmemError):
+            b.put_precompressed(pb, (0, 0, 0), 0, b"short", b"x")
+        with pytest.raises(TmemError):
+            b.put_precompressed(pb, (0, 0, 0), -1, pages[0], b.compressor.compress(pages[0]))
+
+
+def test_read_runs_match_read_extents() -> None:
+    dev = BlockDevice(2048 * PAGE, memory="1MiB")
+    dev.write(2 * PAGE, text_page(2) + text_page(3))
+    dev.write(600 * PAGE, text_page(600))
+    assert dev.read_runs(0, 8 * PAGE) == [2 * PAGE, [text_page(2), text_page(3)], 4 * PAGE]
+    assert dev.read_runs(100, 50) == [[bytes(50)]]
+    assert dev.read_runs(0, 0) == []
+    # async: holes and data runs merge across the 1 MiB chunks
+    dev.write(255 * PAGE, text_page(255) + text_page(256))
+    got = asyncio.run(dev.aread_runs(4 * PAGE, 1000 * PAGE))
+    assert got == [
+        251 * PAGE,
+        [text_page(255), text_page(256)],
+        343 * PAGE,
+        [text_page(600)],
+        403 * PAGE,
+    ]
+    flat = b"".join(bytes(e) if isinstance(e, int) else b"".join(e) for e in got)
+    assert flat == dev.read(4 * PAGE, 1000 * PAGE)
+    with pytest.raises(BlockDeviceError):
+        dev.read_runs(2047 * PAGE, 2 * PAGE)

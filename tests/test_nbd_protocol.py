@@ -832,3 +832,39 @@ def test_next_event_before_data_is_need_data() -> None:
     c.conn.receive_data(b"\x00\x00")
     assert c.conn.next_event() is NEED_DATA
     assert c.conn.buffered == 2
+
+
+def test_reply_read_runs_of_buffers_are_one_chunk_each() -> None:
+    """A data extent given as a list of buffers goes out as one chunk, not joined."""
+    c = connected(structured=True)
+    r = one(c, request(READ, 7, 0, 4 * 4096))
+    assert isinstance(r, Request)
+    pages = [b"p" * 4096, b"q" * 4096]
+    parts = c.conn.reply_read(r, [pages, 4096, [b"r" * 4096]])
+    assert any(p is pages[0] for p in parts) and any(p is pages[1] for p in parts)
+    c.rx += b"".join(parts)
+    run, hole, last = c.chunk(), c.chunk(), c.chunk()
+    assert (run.flags, run.type) == (0, CHUNK_DATA)
+    assert run.payload == struct.pack(">Q", 0) + b"p" * 4096 + b"q" * 4096
+    assert (hole.flags, hole.type, hole.payload) == (0, CHUNK_HOLE, struct.pack(">QI", 8192, 4096))
+    assert (last.flags, last.payload) == (1, struct.pack(">Q", 12288) + b"r" * 4096)
+    # DF: one chunk with the holes as zeros
+    r = one(c, request(READ, 8, 0, 3 * 4096, DF))
+    assert isinstance(r, Request)
+    c.rx += b"".join(c.conn.reply_read(r, [[b"a" * 4096, b"b" * 4096], 4096]))
+    ch = c.chunk()
+    assert (ch.flags, ch.type) == (1, CHUNK_DATA)
+    assert ch.payload == bytes(8) + b"a" * 4096 + b"b" * 4096 + bytes(4096)
+    with pytest.raises(LocalProtocolError):
+        c.conn.reply_read(r, [[], 3 * 4096])  # an empty run
+    assert c.rx == b"" and c.conn.in_flight == 0
+
+
+def test_reply_read_runs_without_structured_replies() -> None:
+    c = connected()
+    r = one(c, request(READ, 9, 0, 3 * 512))
+    assert isinstance(r, Request)
+    c.rx += b"".join(c.conn.reply_read(r, [[b"x" * 512, b"y" * 512], 512]))
+    assert c.simple(3 * 512) == (0, 9, b"x" * 512 + b"y" * 512 + bytes(512))
+    with pytest.raises(LocalProtocolError):
+        c.conn.reply_read(r, [[b"x" * 512], 512])  # covers 1024 of 1536 bytes
