@@ -601,7 +601,10 @@ class ServerConnection:
         self._meta_export: str | None = None  # export the last SET_META_CONTEXT selected for
 
         self._state = State.AWAIT_CLIENT_FLAGS
-        self._buf = bytearray()
+        # Unparsed input. A bytes chunk from receive_data() is adopted as it is (no copy;
+        # WRITE payload is then sliced out of it as read-only views), anything else is
+        # copied into a bytearray, which is never viewed (so it can grow and shrink).
+        self._buf: bytes | bytearray | memoryview = bytearray()
         self._pos = 0  # start of unconsumed data in _buf
         self._eof = False
         self._out: list[bytes] = [
@@ -615,7 +618,7 @@ class ServerConnection:
         self._skip = 0  # bytes still to discard
         self._after_skip: Callable[[], Event | None] | None = None
         self._payload_need = 0  # WRITE payload bytes still to collect
-        self._payload_parts: list[bytes] = []
+        self._payload_parts: list[Buffer] = []
         self._payload_hdr: tuple[int, int, int, int, int] | None = None
 
         self.client_flags = ClientFlag(0)
@@ -674,6 +677,7 @@ class ServerConnection:
         if not data:
             self._eof = True
             return
+        frozen = type(data) is bytes  # immutable: safe to keep views of it
         if self._pos == len(self._buf) and (self._skip or self._payload_need):
             # Fast paths with an empty buffer: discard skipped bytes without storing them,
             # keep WRITE payload chunks as they are (one join later, no bytearray copy).
@@ -683,20 +687,28 @@ class ServerConnection:
                 data = memoryview(data)[n:]
             elif self._payload_need:
                 n = min(self._payload_need, len(data))
-                chunk = data if n == len(data) else memoryview(data)[:n]
-                self._payload_parts.append(chunk if isinstance(chunk, bytes) else bytes(chunk))
+                if n == len(data) and frozen:
+                    self._payload_parts.append(data)
+                else:
+                    chunk = memoryview(data)[:n]
+                    self._payload_parts.append(chunk if frozen else bytes(chunk))
                 self._payload_need -= n
                 data = memoryview(data)[n:]
             if not data:
                 return
-        if self._pos:
-            if self._pos == len(self._buf):
-                self._buf.clear()
-                self._pos = 0
-            elif self._pos >= 65536 and self._pos * 2 >= len(self._buf):
-                del self._buf[: self._pos]
-                self._pos = 0
-        self._buf += data
+        if self._pos == len(self._buf):  # nothing unparsed: take the chunk as the buffer
+            self._buf = data if frozen else bytearray(data)
+            self._pos = 0
+            return
+        buf = self._buf
+        if type(buf) is not bytearray:  # an adopted chunk's tail (a partial message)
+            buf = bytearray(memoryview(buf)[self._pos :])
+            self._pos = 0
+        elif self._pos >= 65536 and self._pos * 2 >= len(buf):
+            del buf[: self._pos]
+            self._pos = 0
+        buf += data
+        self._buf = buf
 
     def next_event(self) -> Event | NeedData:
         """Parse what was received; NEED_DATA when a whole message is not there yet."""
@@ -923,6 +935,15 @@ class ServerConnection:
         self._pos += n
         with memoryview(self._buf) as mv:
             return bytes(mv[start : start + n])
+
+    def _take_part(self, n: int) -> Buffer:
+        """Like _take, but a view (no copy) when the buffer is an adopted bytes chunk."""
+        buf = self._buf
+        if type(buf) is bytearray:
+            return self._take(n)
+        start = self._pos
+        self._pos += n
+        return memoryview(buf)[start : start + n]
 
     def _eof_event(self, partial: bool) -> Event | NeedData:
         if self._eof:
@@ -1267,7 +1288,7 @@ class ServerConnection:
         if self._payload_need:
             n = min(self._payload_need, self._available())
             if n:
-                self._payload_parts.append(self._take(n))
+                self._payload_parts.append(self._take_part(n))
                 self._payload_need -= n
             if self._payload_need:
                 return self._eof_event(partial=True)
