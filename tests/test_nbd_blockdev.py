@@ -419,13 +419,17 @@ def _device(monkeypatch: pytest.MonkeyPatch, threads: int, **kw: object) -> Bloc
     return BlockDevice(**kw)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_parallel_write_matches_sequential(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+@pytest.mark.parametrize(
+    ("threads", "compressor"), [(1, "lz4"), (3, "lz4"), (1, "lzo"), (1, "zstd")]
+)
+def test_parallel_write_matches_sequential(
+    monkeypatch: pytest.MonkeyPatch, threads: int, compressor: str
+) -> None:
     """Big writes compressed by worker threads store exactly what the one-thread path
     stores: same contents, tiers, counters and zcache statistics."""
     pages = _mixed_pages(600, seed=3)
     devs = [
-        _device(monkeypatch, t, size=1024 * PAGE, memory="4MiB", compressor="lz4")
+        _device(monkeypatch, t, size=1024 * PAGE, memory="4MiB", compressor=compressor)
         for t in (0, threads)
     ]
     assert devs[0]._nworkers == 0 and devs[1]._nworkers == threads

@@ -136,7 +136,7 @@ class _Bitmap:
         return False
 
 
-def _compress_pages(compress: Callable[[bytes], bytes], pages: list[bytes]) -> list[bytes]:
+def _compress_pages(compress: Callable[[Any], bytes], pages: list[memoryview]) -> list[bytes]:
     """Worker-thread half of a parallel write (the compressor releases the GIL)."""
     return [compress(p) for p in pages]
 
@@ -315,7 +315,7 @@ class BlockDevice:
         oid, index = _key(n)
         self.zcache.flush_page(self.cache_pool, oid, index)
 
-    def _store_refused(self, n: int, page: bytes, result: PutResult) -> None:
+    def _store_refused(self, n: int, page: bytes | memoryview, result: PutResult) -> None:
         """The pool did not take page n (and flushed any older copy under its handle)."""
         # NO_MEMORY with a backing file means zcache's own writeback could not free a
         # frame (nothing persistent left to write back): the page itself spills.
@@ -460,8 +460,10 @@ class BlockDevice:
         """Whole pages from page ``first``: compressed by this thread and the workers,
         stored here in page order (the same stores, results and counters as the
         sequential path; a failure stops at the same page)."""
-        compress = self.zcache.compressor.compress
-        pages = [data[pos : pos + PAGE_SIZE] for pos in range(0, len(data), PAGE_SIZE)]
+        compress: Callable[[Any], bytes] = self.zcache.compressor.compress  # takes buffers
+        # Views, not copies: the compressor reads them and zcache copies what it keeps.
+        view = memoryview(data)
+        pages = [view[pos : pos + PAGE_SIZE] for pos in range(0, len(data), PAGE_SIZE)]
         npages = len(pages)
         if self._workers is None:
             self._workers = ThreadPoolExecutor(self._nworkers, "tmem-compress")
@@ -478,7 +480,9 @@ class BlockDevice:
             zpages += fut.result()
         self._store_compressed(first, pages, zpages)
 
-    def _store_compressed(self, n: int, pages: Sequence[bytes], zpages: Sequence[bytes]) -> None:
+    def _store_compressed(
+        self, n: int, pages: Sequence[memoryview], zpages: Sequence[bytes]
+    ) -> None:
         """Store pages n, n+1, ... whose compressed forms are ``zpages``."""
         put, pool, stored_ok = self.zcache.put_precompressed, self.pool, PutResult.STORED
         in_backing = self._in_backing  # .count is re-read: writeback sets bits mid-loop
