@@ -445,7 +445,8 @@ def test_parallel_write_matches_sequential(
     zs = [d.zcache.stats() for d in devs]
     assert zs[1] == zs[0]
     assert zs[0]["huge_pages"] > 0 and zs[0]["zero_filled_pages"] > 0
-    assert zs[0]["same_filled_pages"] > zs[0]["zero_filled_pages"]
+    if compressor == "lz4":  # patterns compress to <= 64 bytes only with lz4
+        assert zs[0]["same_filled_pages"] > zs[0]["zero_filled_pages"]
     for dev in devs:
         dev.close()
     assert devs[1]._workers is None  # close() stops the threads
