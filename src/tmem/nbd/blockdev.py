@@ -191,9 +191,13 @@ class BlockDevice:
         self.cache_pool = self.zcache.new_pool(persistent=False) if self._fd is not None else None
         # Compression helpers for big writes (threads start on first use; none on 1 CPU).
         # TMEM_COMPRESS_THREADS overrides the count (0: compress in this thread only).
+        # Only lz4 qualifies: python-lz4 keeps no state between calls and releases the
+        # GIL; lzo holds the GIL, and the zstd compressor shares one context (not
+        # thread-safe).
         env = os.environ.get("TMEM_COMPRESS_THREADS", "")
         auto = min((os.cpu_count() or 1) - 1, 3)
-        self._nworkers = max(0, min(int(env), 16)) if env.isdigit() else auto
+        nworkers = max(0, min(int(env), 16)) if env.isdigit() else auto
+        self._nworkers = nworkers if self.zcache.compressor.name == "lz4" else 0
         self._workers: ThreadPoolExecutor | None = None
 
     def _open_backing(self, path: str, size: int) -> int:
