@@ -104,10 +104,7 @@ class NbdServer:
             server = await loop.create_server(
                 lambda: _NbdProtocol(self), address.host, address.port, reuse_address=True
             )
-            # Any: uvloop's sockets return a list where the stubs promise a tuple (mypyc
-            # would check the promise).
-            name: Any = server.sockets[0].getsockname()
-            host, port = name[0], name[1]
+            host, port = server.sockets[0].getsockname()[:2]
             bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._servers.append(server)
         return bound
