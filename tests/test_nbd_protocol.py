@@ -868,3 +868,40 @@ def test_reply_read_runs_without_structured_replies() -> None:
     assert c.simple(3 * 512) == (0, 9, b"x" * 512 + b"y" * 512 + bytes(512))
     with pytest.raises(LocalProtocolError):
         c.conn.reply_read(r, [[b"x" * 512], 512])  # covers 1024 of 1536 bytes
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_requests_split_anywhere_in_any_buffer_type(kind: type) -> None:
+    """bytes chunks are adopted as the receive buffer (payload sliced out as views);
+    bytearray/memoryview chunks are copied, so the caller may reuse its buffer."""
+    stream = (
+        request(WRITE, 1, 0, 8192, payload=bytes(range(256)) * 32)
+        + request(READ, 2, 4096, 4096)
+        + request(WRITE, 3, 8192, 100, FUA, payload=b"z" * 100)
+        + request(READ, 4, SIZE, 1)  # past the end: rejected
+        + request(WRITE, 5, 0, 3, payload=b"abc")
+    )
+    expect = [
+        (Command.WRITE, 1, 0, 8192, bytes(range(256)) * 32),
+        (Command.READ, 2, 4096, 4096, None),
+        (Command.WRITE, 3, 8192, 100, b"z" * 100),
+        ("rejected", 4),
+        (Command.WRITE, 5, 0, 3, b"abc"),
+    ]
+    for cut in [*range(60), *range(8180, 8260), len(stream) - 1]:
+        c = connected()
+        got: list[tuple[object, ...]] = []
+        for piece in (stream[:cut], stream[cut:]):
+            if not piece:
+                continue
+            buf = bytearray(piece)
+            c.conn.receive_data(kind(buf) if kind is not bytearray else buf)
+            while (ev := c.conn.next_event()) is not NEED_DATA:
+                if isinstance(ev, Request):
+                    assert ev.payload is None or type(ev.payload) is bytes
+                    got.append((ev.command, ev.cookie, ev.offset, ev.length, ev.payload))
+                else:
+                    assert isinstance(ev, RequestRejected)
+                    got.append(("rejected", ev.cookie))
+            buf[:] = b"\xff" * len(buf)  # the caller reuses its buffer
+        assert got == expect, cut
