@@ -404,56 +404,6 @@ class Zcache:
             raise PageSizeError(
                 f"page must be a bytes-like object, got {type(page).__name__}"
             ) from None
-        return self._put_data(pool, oid, index, page, data, pages)
-
-    def put_precompressed(
-        self,
-        pool_id: PoolIdArg,
-        oid: OidArg,
-        index: IndexArg,
-        page: PageArg,
-        data: bytes,
-        *,
-        client: int = LOCAL_CLIENT,
-    ) -> PutResult:
-        """:meth:`put_status` for a page whose ``data = self.compressor.compress(page)`` the
-        caller computed already (lz4 releases the GIL, so a block device compresses a big
-        write's pages in worker threads). Same checks, thresholds and outcome as put.
-        """
-        pool = self._local.get(pool_id) if type(pool_id) is int and client == LOCAL_CLIENT else None
-        if pool is None:
-            pool = self.tmem.pool(pool_id, client)
-        try:
-            size = len(page)
-        except TypeError:
-            raise PageSizeError(
-                f"page must be a bytes-like object, got {type(page).__name__}"
-            ) from None
-        if size != PAGE_SIZE:
-            raise PageSizeError(f"page must be {PAGE_SIZE} bytes, got {size}")
-        try:
-            pages = pool.objects.get(oid)
-        except TypeError:
-            raise InvalidHandleError(f"oid must be a tuple of three ints, got {oid!r}") from None
-        if pages is None:
-            check_oid(oid)
-        if type(index) is not int or not 0 <= index <= U32_MAX:
-            check_index(index)
-        if self._put_data(pool, oid, index, page, data, pages):
-            return PutResult.STORED
-        return self._why
-
-    def _put_data(
-        self,
-        pool: Pool,
-        oid: Oid,
-        index: int,
-        page: PageArg,
-        data: bytes,
-        pages: dict[int, Pampd] | None,
-    ) -> bool:
-        """The rest of put once the page is compressed (``pages``: the object's map)."""
-        objects = pool.objects
         clen = len(data)
         persistent = pool.persistent
         if clen <= SAME_FILLED_PROBE:

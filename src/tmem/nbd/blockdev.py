@@ -41,8 +41,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -66,13 +65,6 @@ STATUS_PAGES = 32768  # pages per block status reply (128 MiB, a few ms to scan)
 # How many times an async request re-fetches remote pages before giving up (a page can
 # be remotified again while we wait for another one).
 REMOTE_RETRIES = 4
-# Writes of at least this many whole pages compress in parallel: lz4 releases the GIL,
-# so worker threads compress part of the pages while this thread compresses and stores
-# the rest (stores stay in this thread, in page order). Smaller writes are not worth a
-# thread hand-off (~20 us).
-PARALLEL_MIN_PAGES = 16
-# Share of a parallel write's pages compressed by this thread, in 1/16.
-MAIN_SHARE = 8
 
 # (pool_id, oid, index, remote pampd) -> the page's 4096 bytes, from another node.
 RemoteFetch = Callable[[int, Oid, int, object], Awaitable[bytes]]
@@ -136,11 +128,6 @@ class _Bitmap:
         return False
 
 
-def _compress_pages(compress: Callable[[Any], bytes], pages: list[memoryview]) -> list[bytes]:
-    """Worker-thread half of a parallel write (the compressor releases the GIL)."""
-    return [compress(p) for p in pages]
-
-
 def _key(page_no: int) -> tuple[Oid, int]:
     return (page_no >> OBJ_SHIFT, 0, 0), page_no & OBJ_MASK
 
@@ -189,16 +176,6 @@ class BlockDevice:
         self.remote_fetch: RemoteFetch | None = None
         self.pool = self.zcache.new_pool(persistent=True)
         self.cache_pool = self.zcache.new_pool(persistent=False) if self._fd is not None else None
-        # Compression helpers for big writes (threads start on first use; none on 1 CPU).
-        # TMEM_COMPRESS_THREADS overrides the count (0: compress in this thread only).
-        # Only lz4 qualifies: python-lz4 keeps no state between calls and releases the
-        # GIL; lzo holds the GIL, and the zstd compressor shares one context (not
-        # thread-safe).
-        env = os.environ.get("TMEM_COMPRESS_THREADS", "")
-        auto = min((os.cpu_count() or 1) - 1, 3)
-        nworkers = max(0, min(int(env), 16)) if env.isdigit() else auto
-        self._nworkers = nworkers if self.zcache.compressor.name == "lz4" else 0
-        self._workers: ThreadPoolExecutor | None = None
 
     def _open_backing(self, path: str, size: int) -> int:
         """Open the spill file (or block device) for page N at offset N*4096.
@@ -231,9 +208,6 @@ class BlockDevice:
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         """Drop the pools and empty the backing file (the contents are volatile)."""
-        if self._workers is not None:
-            self._workers.shutdown(wait=True)
-            self._workers = None
         if not self._closed:
             self._closed = True
             with contextlib.suppress(TmemError):
@@ -319,7 +293,7 @@ class BlockDevice:
         oid, index = _key(n)
         self.zcache.flush_page(self.cache_pool, oid, index)
 
-    def _store_refused(self, n: int, page: bytes | memoryview, result: PutResult) -> None:
+    def _store_refused(self, n: int, page: bytes, result: PutResult) -> None:
         """The pool did not take page n (and flushed any older copy under its handle)."""
         # NO_MEMORY with a backing file means zcache's own writeback could not free a
         # frame (nothing persistent left to write back): the page itself spills.
@@ -425,9 +399,6 @@ class BlockDevice:
 
     def _write_range(self, offset: int, data: bytes) -> None:
         if not (offset | len(data)) & PAGE_MASK:
-            if len(data) >= PARALLEL_MIN_PAGES * PAGE_SIZE and self._nworkers > 0:
-                self._write_parallel(offset >> PAGE_SHIFT, data)
-                return
             # Fast path (whole pages): a store per page; refused pages take the slow path.
             put, pool, stored_ok = self.zcache.put_status, self.pool, PutResult.STORED
             in_backing = self._in_backing  # .count is re-read: writeback sets bits mid-loop
@@ -459,52 +430,6 @@ class BlockDevice:
                 self.counters.rmw += 1
                 old = self._read_page(n)
                 self._write_page(n, old[:start] + chunk + old[stop:])
-
-    def _write_parallel(self, first: int, data: bytes) -> None:
-        """Whole pages from page ``first``: compressed by this thread and the workers,
-        stored here in page order (the same stores, results and counters as the
-        sequential path; a failure stops at the same page)."""
-        compress: Callable[[Any], bytes] = self.zcache.compressor.compress  # takes buffers
-        # Views, not copies: the compressor reads them and zcache copies what it keeps.
-        view = memoryview(data)
-        pages = [view[pos : pos + PAGE_SIZE] for pos in range(0, len(data), PAGE_SIZE)]
-        npages = len(pages)
-        if self._workers is None:
-            self._workers = ThreadPoolExecutor(self._nworkers, "tmem-compress")
-        mine = npages * MAIN_SHARE // 16
-        per = -(-(npages - mine) // self._nworkers)  # ceil: every page goes to someone
-        futures: list[Future[list[bytes]]] = [
-            self._workers.submit(_compress_pages, compress, pages[start : start + per])
-            for start in range(mine, npages, per)
-        ]
-        # Compress our share, then store: storing holds the GIL (no compressor call
-        # releases it), which would stall the workers mid-way.
-        zpages = [compress(p) for p in pages[:mine]]
-        for fut in futures:
-            zpages += fut.result()
-        self._store_compressed(first, pages, zpages)
-
-    def _store_compressed(
-        self, n: int, pages: Sequence[memoryview], zpages: Sequence[bytes]
-    ) -> None:
-        """Store pages n, n+1, ... whose compressed forms are ``zpages``."""
-        put, pool, stored_ok = self.zcache.put_precompressed, self.pool, PutResult.STORED
-        in_backing = self._in_backing  # .count is re-read: writeback sets bits mid-loop
-        written = self._written
-        stored = 0
-        try:
-            for page, zpage in zip(pages, zpages, strict=True):
-                written[n >> 3] |= 1 << (n & 7)
-                result = put(pool, (n >> OBJ_SHIFT, 0, 0), n & OBJ_MASK, page, zpage)
-                if result is stored_ok:
-                    stored += 1
-                    if in_backing.count and n in in_backing:
-                        self._forget_backing(n)
-                else:
-                    self._store_refused(n, page, result)
-                n += 1
-        finally:
-            self.counters.ram_stores += stored
 
     def _zero_range(self, offset: int, length: int, *, trim: bool) -> None:
         for n, start, stop in self._pages(offset, length):
