@@ -83,9 +83,7 @@ def _walk_files(roots: Sequence[str]) -> Iterator[tuple[str, int]]:
                 continue
 
 
-def sample_file_pages(
-    n: int, *, roots: Sequence[str] = _USR_DIRS, seed: int = 0
-) -> list[bytes]:
+def sample_file_pages(n: int, *, roots: Sequence[str] = _USR_DIRS, seed: int = 0) -> list[bytes]:
     """``n`` pages drawn uniformly over all pages of the regular files under ``roots``."""
     files = sorted(_walk_files(roots))
     if not files:
@@ -265,9 +263,7 @@ def load_pages(source: str, *, sample_pages: int = 2048, seed: int = 0) -> list[
         if not pages:
             raise ConfigError(f"{path} is empty")
         return pages
-    raise ConfigError(
-        f"unknown corpus {source!r}: use anon, file, sample, a directory or a file"
-    )
+    raise ConfigError(f"unknown corpus {source!r}: use anon, file, sample, a directory or a file")
 
 
 def describe_source(source: str) -> str:
