@@ -41,7 +41,7 @@ Item = tuple[Oid, int, bytes]
 #: called as progress(phase_name, pages_done_in_this_step)
 Progress = Callable[[str, int], None]
 
-_CHUNK = 1 << 14  # pages per timed chunk (progress is updated between chunks)
+_CHUNK = 4096  # pages per timed chunk; contenders alternate between chunks
 _SWIZ = 8
 
 
@@ -54,23 +54,6 @@ def make_items(pages: Sequence[bytes], n: int) -> list[Item]:
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), _CHUNK):
         yield items[start : start + _CHUNK]
-
-
-@dataclass
-class _Timer:
-    """Sums the time of timed chunks; progress callbacks run outside the clock."""
-
-    name: str
-    progress: Progress | None
-    seconds: float = 0.0
-
-    def run(self, items: Sequence[Any], body: Callable[[Sequence[Any]], object]) -> None:
-        for chunk in _chunks(items):
-            t0 = time.perf_counter()
-            body(chunk)
-            self.seconds += time.perf_counter() - t0
-            if self.progress is not None:
-                self.progress(self.name, len(chunk))
 
 
 # ---- the naive baseline ------------------------------------------------------------
@@ -133,74 +116,74 @@ def _one_repeat(
     compressor: str,
     progress: Progress | None,
     verify: bool,
-    dict_first: bool,
-) -> tuple[RunResult, Zcache, int]:
+) -> tuple[RunResult, Zcache]:
+    """One put-all + get-all, the contenders interleaved chunk by chunk.
+
+    Each chunk of pages goes through every contender before the next chunk, the
+    order rotating per chunk, so background load and CPU frequency changes hit
+    all of them alike instead of whichever happened to run during a busy spell.
+    """
     n = len(items)
-
-    def run_dict() -> tuple[float, float, bool]:
-        store: dict[tuple[Oid, int], bytes] = {}
-        gc.collect()
-        tp = _Timer("dict put", progress)
-        tp.run(items, lambda chunk: _dict_put(store, chunk))
-        tg = _Timer("dict get", progress)
-        tg.run(items, lambda chunk: _dict_get(store, chunk))
-        ok = True
-        if verify:
-            decompress = lz4.block.decompress
-            ok = all(
-                decompress(store[(o, i)], uncompressed_size=PAGE_SIZE) == p for o, i, p in items
-            )
-        return tp.seconds, tg.seconds, ok
-
-    def run_zc() -> tuple[float, float, Zcache, int, int, bool]:
-        gc.collect()
-        zc = Zcache(memory=memory, compressor=compressor)
-        pool = zc.new_pool(persistent=True)
-        fails = [0]
-        tp = _Timer("zcache put", progress)
-        tp.run(items, lambda chunk: _zc_put(zc, pool, chunk, fails))
-        tg = _Timer("zcache get", progress)
-        tg.run(items, lambda chunk: _zc_get(zc, pool, chunk))
-        ok = True
-        if verify and fails[0] == 0:
-            # The last write to each handle wins; every handle must give that page back.
-            last: dict[tuple[Oid, int], bytes] = {(o, i): p for o, i, p in items}
-            ok = all(zc.get(pool, o, i) == p for (o, i), p in last.items())
-        return tp.seconds, tg.seconds, zc, pool, fails[0], ok
-
-    if dict_first:
-        d_put, d_get, d_ok = run_dict()
-        z_put, z_get, zc, pool, rejects, z_ok = run_zc()
-    else:
-        z_put, z_get, zc, pool, rejects, z_ok = run_zc()
-        d_put, d_get, d_ok = run_dict()
-
-    many_put: float | None = None
-    many_get: float | None = None
-    if hasattr(Zcache, "put_many"):
-        gc.collect()
-        zb = Zcache(memory=memory, compressor=compressor)
-        bpool = zb.new_pool(persistent=True)
-        tpm = _Timer("zcache put_many", progress)
-        tpm.run(items, lambda chunk: zb.put_many(bpool, chunk))
-        many_put = _rate(n, tpm.seconds)
-        if hasattr(zb, "get_many"):
-            keys = [(o, i) for o, i, _p in items]
-            tgm = _Timer("zcache get_many", progress)
-            tgm.run(keys, lambda chunk: zb.get_many(bpool, chunk))
-            many_get = _rate(n, tgm.seconds)
-        del zb
-    result = RunResult(
-        dict_put=_rate(n, d_put),
-        dict_get=_rate(n, d_get),
-        zc_put=_rate(n, z_put),
-        zc_get=_rate(n, z_get),
-        zc_put_many=many_put,
-        zc_get_many=many_get,
-        rejects=rejects,
-        verified=d_ok and z_ok,
+    store: dict[tuple[Oid, int], bytes] = {}
+    zc = Zcache(memory=memory, compressor=compressor)
+    pool = zc.new_pool(persistent=True)
+    batch = hasattr(zc, "put_many")
+    zb = Zcache(memory=memory, compressor=compressor) if batch else None
+    bpool = zb.new_pool(persistent=True) if zb is not None else -1
+    fails = [0]
+    secs: dict[str, float] = dict.fromkeys(
+        ("dict_put", "dict_get", "zc_put", "zc_get", "zc_put_many", "zc_get_many"), 0.0
     )
-    return result, zc, pool
+
+    Step = Callable[[int, Sequence[Item]], object]  # (chunk number, chunk)
+    put_steps: list[tuple[str, Step]] = [
+        ("dict_put", lambda _k, chunk: _dict_put(store, chunk)),
+        ("zc_put", lambda _k, chunk: _zc_put(zc, pool, chunk, fails)),
+    ]
+    get_steps: list[tuple[str, Step]] = [
+        ("dict_get", lambda _k, chunk: _dict_get(store, chunk)),
+        ("zc_get", lambda _k, chunk: _zc_get(zc, pool, chunk)),
+    ]
+    if zb is not None:
+        put_steps.append(("zc_put_many", lambda _k, chunk: zb.put_many(bpool, chunk)))
+        if hasattr(zb, "get_many"):
+            # The batch API takes (oid, index) keys: build them outside the clock.
+            key_chunks = [[(o, i) for o, i, _p in chunk] for chunk in _chunks(items)]
+            get_steps.append(("zc_get_many", lambda k, _chunk: zb.get_many(bpool, key_chunks[k])))
+    gc.collect()
+    for phase, steps in (("put", put_steps), ("get", get_steps)):
+        for k, chunk in enumerate(_chunks(items)):
+            shift = k % len(steps)
+            for name, body in steps[shift:] + steps[:shift]:
+                t0 = time.perf_counter()
+                body(k, chunk)
+                secs[name] += time.perf_counter() - t0
+            if progress is not None:
+                progress(f"{phase} (interleaved)", len(chunk) * len(steps))
+    ok = True
+    if verify:
+        decompress = lz4.block.decompress
+        # The last write to each handle wins; every store must give that page back.
+        last: dict[tuple[Oid, int], bytes] = {(o, i): p for o, i, p in items}
+        ok = all(
+            decompress(store[key], uncompressed_size=PAGE_SIZE) == p for key, p in last.items()
+        )
+        if fails[0] == 0:
+            ok = ok and all(zc.get(pool, o, i) == p for (o, i), p in last.items())
+            if zb is not None:
+                ok = ok and all(zb.get(bpool, o, i) == p for (o, i), p in last.items())
+    has_get_many = zb is not None and hasattr(zb, "get_many")
+    result = RunResult(
+        dict_put=_rate(n, secs["dict_put"]),
+        dict_get=_rate(n, secs["dict_get"]),
+        zc_put=_rate(n, secs["zc_put"]),
+        zc_get=_rate(n, secs["zc_get"]),
+        zc_put_many=_rate(n, secs["zc_put_many"]) if zb is not None else None,
+        zc_get_many=_rate(n, secs["zc_get_many"]) if has_get_many else None,
+        rejects=fails[0],
+        verified=ok,
+    )
+    return result, zc
 
 
 def measure_density(
@@ -409,6 +392,29 @@ class BenchReport:
         }
 
 
+def _enough_memory(pages: Sequence[bytes], count: int, compressor: str) -> int:
+    """A budget that holds all ``count`` pages under zbud, without reserving a frame each.
+
+    zbud puts two zpages in a frame when their chunks (64 B, including a 32 B
+    handle) add up to at most 64; any two "small" pages (<= 32 chunks) fit
+    together, so frames <= big + ceil(small / 2), plus slack. Reserving a frame
+    per page instead would map (and prefault) twice the RAM at 10**6 pages.
+    """
+    compress = get_compressor(compressor).compress
+    m = len(pages)
+    big = small = 0
+    for j, page in enumerate(pages[: min(m, count)]):
+        mult = count // m + (1 if j < count % m else 0)
+        chunks = (len(compress(page)) + 32 + 63) // 64
+        if chunks > 32:
+            big += mult
+        else:
+            small += mult
+    frames = big + (small + 1) // 2
+    frames = min(count, frames + frames // 50) + 64
+    return frames * PAGE_SIZE
+
+
 def _warm_up(items: Sequence[Item], compressor: str) -> None:
     """Run both stores once, untimed, so first-call costs land in neither."""
     store: dict[tuple[Oid, int], bytes] = {}
@@ -439,8 +445,7 @@ def run_bench(
     get_compressor(compressor)  # fail early on a bad name
     count = len(pages) if n is None else n
     items = make_items(pages, count)
-    # Enough frames for every page (zbud stores at least one page per frame).
-    budget = parse_size(memory) if memory is not None else (count + 16) * PAGE_SIZE
+    budget = parse_size(memory) if memory is not None else _enough_memory(pages, count, compressor)
     report = BenchReport(
         corpus=corpus,
         compressor=compressor,
@@ -455,9 +460,7 @@ def run_bench(
         _warm_up(items[: min(len(items), 2048)], compressor)
         frames_used = 0
         for r in range(max(1, repeat)):
-            result, zc, _pool = _one_repeat(
-                items, budget, compressor, progress, verify=(r == 0), dict_first=(r % 2 == 0)
-            )
+            result, zc = _one_repeat(items, budget, compressor, progress, verify=(r == 0))
             report.runs.append(result)
             if r == 0:
                 report.zcache_stats = zc.stats()
@@ -478,5 +481,7 @@ def run_bench(
 
 def phase_sizes(n: int, repeat: int, *, density: bool, mixed: bool) -> int:
     """Total progress steps ``run_bench`` reports, for a progress bar's total."""
-    per_repeat = 4 * n + (2 * n if hasattr(Zcache, "get_many") else n)
+    per_repeat = 4 * n
+    per_repeat += n if hasattr(Zcache, "put_many") else 0
+    per_repeat += n if hasattr(Zcache, "put_many") and hasattr(Zcache, "get_many") else 0
     return max(1, repeat) * per_repeat + (n if density else 0) + (2 * n if mixed else 0)
