@@ -72,7 +72,7 @@ def render(report: BenchReport, console: Console) -> None:
     t = Table(title="throughput (pages/s, median)", title_justify="left")
     t.add_column("operation")
     t.add_column("zcache", justify="right")
-    t.add_column("naive dict+lz4", justify="right")
+    t.add_column(f"naive dict+{d['compressor']}", justify="right")
     t.add_column("ratio", justify="right")
     t.add_column("zcache us/page", justify="right")
     for name, key, base in (
@@ -97,7 +97,7 @@ def render(report: BenchReport, console: Console) -> None:
         t2 = Table(title="density (after put-all)", title_justify="left")
         t2.add_column("")
         t2.add_column("zcache", justify="right")
-        t2.add_column("naive dict+lz4", justify="right")
+        t2.add_column(f"naive dict+{d['compressor']}", justify="right")
         t2.add_row("pages stored", f"{z['stored_pages']:,}", f"{n['stored_pages']:,}")
         t2.add_row(
             "original bytes", format_size(z["orig_bytes"]), format_size(n["stored_pages"] * 4096)
@@ -183,7 +183,7 @@ def bench(
     no_mixed: bool,
     as_json: bool,
 ) -> None:
-    """Replay real pages through zcache and a naive dict of lz4 pages, in the same run.
+    """Replay real pages through zcache and a naive dict of compressed pages, same run.
 
     Reports put/get pages/s and their ratios to the dict (single-page and batch
     API), density including metadata, rejects and ouroboros evictions.
