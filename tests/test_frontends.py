@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import random
 import tracemalloc
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tmem
 from tmem.frontends import SWIZ_BITS, filekey_to_oid, swizzle, unswizzle
@@ -336,3 +339,52 @@ def test_stats_merge_into_zcache_stats(zc: tmem.Zcache) -> None:
     assert set(cc.stats()) <= set(merged) and set(fs.stats()) <= set(merged)
     assert not set(cc.stats()) & set(zc.stats())
     assert not set(fs.stats()) & set(zc.stats())
+
+
+# ---- model-based ---------------------------------------------------------------------
+
+_PAGES = [page(i) for i in range(6)] + [bytes(PAGE), b"\xaa" * PAGE]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    exclusive=st.booleans(),
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["store", "load", "inval", "area"]),
+            st.integers(0, 1),  # swap type
+            st.sampled_from([0, 1, 255, 256, 257, 70000]),  # offsets across objects
+            st.integers(0, len(_PAGES)),  # page choice; the last one is incompressible
+        ),
+        max_size=60,
+    ),
+)
+def test_frontswap_matches_model(exclusive: bool, ops: list[tuple[str, int, int, int]]) -> None:
+    """Frontswap over a real Zcache behaves like a dict of slots, exclusive or not."""
+    fs = tmem.Frontswap(tmem.Zcache(memory="1MiB"), exclusive_gets=exclusive)
+    fs.init(0)
+    fs.init(1)
+    noise = random.Random(len(ops)).randbytes(PAGE)
+    model: dict[tuple[int, int], bytes] = {}
+    for op, t, off, which in ops:
+        data = _PAGES[which] if which < len(_PAGES) else noise
+        if op == "store":
+            ok = fs.store(t, off, data)
+            assert ok == (which < len(_PAGES))
+            if ok:
+                model[(t, off)] = data
+            else:
+                model.pop((t, off), None)
+        elif op == "load":
+            assert fs.load(t, off) == model.get((t, off))
+            if exclusive:
+                model.pop((t, off), None)
+        elif op == "inval":
+            fs.invalidate_page(t, off)
+            model.pop((t, off), None)
+        else:
+            fs.invalidate_area(t)
+            model = {k: v for k, v in model.items() if k[0] != t}
+        assert fs.curr_pages() == len(model)
+    for (t, off), data in model.items():
+        assert fs.load(t, off) == data

@@ -288,7 +288,8 @@ class Frontswap:
 
         ``nr_pages`` is the device size in pages, as swapon knows it: offsets at or
         beyond it are refused, which bounds the bitmap (a server passes its export
-        size so no client can make it allocate more).
+        size so no client can make it allocate more). Without it the bitmap grows to
+        the highest offset stored (at most 512 MiB, for offset 2**32 - 1).
         """
         if isinstance(swap_type, bool) or not isinstance(swap_type, int):
             raise InvalidHandleError(f"swap type must be an int, not {swap_type!r}")
