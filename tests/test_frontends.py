@@ -332,7 +332,7 @@ def test_shared_fs_same_uuid_same_pool(zc: tmem.Zcache) -> None:
 
 
 def test_stats_merge_into_zcache_stats(zc: tmem.Zcache) -> None:
-    from tmem.stats_cli import merged_stats
+    from tmem.frontends import merged_stats
 
     cc, fs = tmem.Cleancache(zc), tmem.Frontswap(zc)
     merged = merged_stats(zc, cc, fs)

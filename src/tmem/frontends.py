@@ -424,3 +424,11 @@ class Frontswap:
             "frontswap_invalidates": self.invalidates,
             "frontswap_curr_pages": self.curr_pages(),
         }
+
+
+def merged_stats(zc: Zcache, *frontends: Cleancache | Frontswap) -> dict[str, int | float]:
+    """``Zcache.stats()`` plus the prefixed counters of ``frontends`` (for ``/stats``)."""
+    out = dict(zc.stats())
+    for fe in frontends:
+        out.update(fe.stats())
+    return out

@@ -22,7 +22,7 @@ from tmem.bench_cli import SizeParam
 from tmem.compress import COMPRESSORS, PAGE_SIZE
 from tmem.corpus import load_pages
 from tmem.errors import TmemError
-from tmem.frontends import Cleancache, Frontswap
+from tmem.frontends import Cleancache, Frontswap, merged_stats
 from tmem.sizes import format_size
 from tmem.zcache import Zcache
 
@@ -51,13 +51,7 @@ _PREFIX_GROUPS = (
 )
 _MAX_RESPONSE = 16 << 20
 
-
-def merged_stats(zc: Zcache, *frontends: Cleancache | Frontswap) -> dict[str, int | float]:
-    """``Zcache.stats()`` plus the (prefixed) counters of the given front ends."""
-    out = dict(zc.stats())
-    for fe in frontends:
-        out.update(fe.stats())
-    return out
+__all__ = ["SUMMARY_KEYS", "demo_stats", "fetch_stats", "group_stats", "merged_stats", "stats"]
 
 
 def _flatten(prefix: str, value: Mapping[str, Any], out: dict[str, Scalar]) -> None:
