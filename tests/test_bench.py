@@ -36,6 +36,17 @@ def test_enough_memory_holds_every_page(anon_pages: list[bytes]) -> None:
     stats = report.zcache_stats
     # every put either stored or was rejected for compressing poorly, never for lack of room
     assert report.runs[0].rejects == stats["compress_poor"] + stats["mean_compress_poor"]
+    d = report.as_dict()
+    assert d["rejects"] == d["rejects_poor_compression"] and d["rejects_no_memory"] == 0
+
+
+def test_small_budget_rejects_for_memory(anon_pages: list[bytes]) -> None:
+    report = bench.run_bench(anon_pages, n=600, memory="256KiB", repeat=1, density=False)
+    d = report.as_dict()
+    assert d["memory"] == 256 * 1024
+    assert d["rejects_no_memory"] > 0
+    assert d["rejects"] == d["rejects_poor_compression"] + d["rejects_no_memory"]
+    assert d["verified"]  # stored pages read back intact, rejected ones are absent
     assert report.runs[0].verified
 
 

@@ -117,7 +117,9 @@ def render(report: BenchReport, console: Console) -> None:
         t2.add_row("frames used", f"{z['frames_used']:,}", "")
         console.print(t2)
     console.print(
-        f"rejects (put returned False): {d['rejects']:,}    "
+        f"rejects (put returned False): {d['rejects']:,} "
+        f"(poor compression {d['rejects_poor_compression']:,}, "
+        f"no memory {d['rejects_no_memory']:,})    "
         f"read-back verified: {'yes' if d['verified'] else '[red]NO[/]'}"
     )
     mixed = d["mixed"]
