@@ -134,6 +134,7 @@ def _check_bench(data: dict[str, object]) -> None:
 def test_bench_json_small() -> None:
     data = json.loads(tmem("bench", "--pages", "2000", "--repeat", "1", "--json"))
     assert data["pages"] == 2000
+    assert data["clock"] == "thread CPU time"
     _check_bench(data)
 
 
@@ -174,9 +175,12 @@ def test_bench_file_corpus_zstd_sizes() -> None:
             "1MiB",
             "--json",
             "--no-density",
+            "--clock",
+            "wall",
         )
     )
     assert data["compressor"] == "zstd"
+    assert data["clock"] == "wall clock"
     assert data["memory"] == 128 * 1024**2
     assert data["mixed"]["memory"] == 1024 * 1024
     assert data["density"] == {}

@@ -67,7 +67,7 @@ def render(report: BenchReport, console: Console) -> None:
     console.print(
         f"[bold]tmem bench[/]  corpus={d['corpus']}  compressor={d['compressor']}  "
         f"pages={d['pages']:,} ({d['unique_pages']:,} distinct)  repeat={d['repeat']}  "
-        f"budget={format_size(d['memory'])}"
+        f"budget={format_size(d['memory'])}  clock={d['clock']}"
     )
     t = Table(title="throughput (pages/s, median)", title_justify="left")
     t.add_column("operation")
@@ -173,6 +173,13 @@ def render(report: BenchReport, console: Console) -> None:
 @click.option("--repeat", "-r", type=click.IntRange(1, 100), default=3, show_default=True)
 @click.option("--no-density", is_flag=True, help="Skip the tracemalloc density pass.")
 @click.option("--no-mixed", is_flag=True, help="Skip the mixed (ouroboros) phase.")
+@click.option(
+    "--clock",
+    type=click.Choice(["cpu", "wall"]),
+    default="cpu",
+    show_default=True,
+    help="cpu: thread CPU time (robust on a shared machine); wall: elapsed time.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (no progress bar).")
 def bench(
     corpus: str,
@@ -183,6 +190,7 @@ def bench(
     repeat: int,
     no_density: bool,
     no_mixed: bool,
+    clock: str,
     as_json: bool,
 ) -> None:
     """Replay real pages through zcache and a naive dict of compressed pages, same run.
@@ -230,6 +238,7 @@ def bench(
                 progress=callback,
                 density=not no_density,
                 mixed=not no_mixed,
+                clock=clock,
             )
         except TmemError as exc:
             raise click.ClickException(str(exc)) from exc
