@@ -75,8 +75,13 @@ class _StatsHandler(BaseHTTPRequestHandler):
         if self.path != "/stats":
             self.send_error(404)
             return
+        # the shape `tmem serve --stats` sends
         body = json.dumps(
-            {"compression_ratio": 2.5, "zbud_eph_zpages": 7, "nbd": {"reads": 3}}
+            {
+                "zcache": {"compression_ratio": 2.5, "zbud_eph_zpages": 7, "obj_count": 3},
+                "blockdev": {"blockdev_reads": 3},
+                "server": {"server_connections": 1},
+            }
         ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -100,9 +105,29 @@ def stats_server() -> Iterator[str]:
 
 def test_stats_from_url(stats_server: str) -> None:
     data = json.loads(tmem("stats", "--url", stats_server, "--json"))
-    assert data["compression_ratio"] == 2.5
-    out = tmem("stats", "--url", stats_server)
-    assert "nbd" in out and "reads" in out and "zbud_eph_zpages" in out
+    assert data["zcache"]["compression_ratio"] == 2.5
+    out = tmem("stats", "--url", stats_server + "/stats")
+    for text in ("summary", "zbud_eph_zpages", "blockdev_reads", "server_connections"):
+        assert text in out
+
+
+def test_group_stats_splits_server_sections() -> None:
+    from tmem.stats_cli import group_stats
+
+    groups = group_stats(
+        {
+            "zcache": {"compression_ratio": 2.0, "zbud_pers_zpages": 1, "obj_count": 2},
+            "blockdev": {"blockdev_reads": 3, "nested": {"x": 1}},
+            "frontswap_loads": 4,
+        }
+    )
+    assert groups == {
+        "summary": {"compression_ratio": 2.0},
+        "zcache": {"obj_count": 2},
+        "zbud": {"zbud_pers_zpages": 1},
+        "blockdev": {"blockdev_reads": 3, "nested.x": 1},
+        "frontswap": {"frontswap_loads": 4},
+    }
 
 
 def test_stats_url_unreachable() -> None:

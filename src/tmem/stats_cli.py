@@ -69,18 +69,30 @@ def group_stats(stats: Mapping[str, Any]) -> dict[str, dict[str, Scalar]]:
     """Split a stats mapping into display groups: summary, zcache, zbud, front ends.
 
     Flat keys are grouped by name (``zbud_*``, ``cleancache_*``, ``frontswap_*``,
-    the summary keys, everything else under zcache); a nested mapping (as a server
-    may send) becomes a group of its own, named by its key.
+    the summary keys, everything else under zcache). A server sends sections
+    (``{"zcache": {...}, "blockdev": {...}, "server": {...}}``): the zcache section
+    is split the same way, any other section becomes a group named by its key.
     """
     groups: dict[str, dict[str, Scalar]] = {"summary": {}, "zcache": {}, "zbud": {}}
+    _group_into(stats, groups)
+    if groups["summary"]:
+        order = {k: i for i, k in enumerate(SUMMARY_KEYS)}
+        groups["summary"] = dict(
+            sorted(groups["summary"].items(), key=lambda kv: order.get(kv[0], len(order)))
+        )
+    return {name: values for name, values in groups.items() if values}
+
+
+def _group_into(stats: Mapping[str, Any], groups: dict[str, dict[str, Scalar]]) -> None:
     for key, value in stats.items():
         if isinstance(value, Mapping):
+            if key == "zcache":
+                # A server's zcache section is Zcache.stats(): split it like a flat one.
+                _group_into(value, groups)
+                continue
             sub: dict[str, Scalar] = {}
             _flatten("", value, sub)
-            if key in groups:
-                groups[key].update(sub)
-            else:
-                groups[key] = sub
+            groups.setdefault(key, {}).update(sub)
             continue
         scalar: Scalar = (
             value if isinstance(value, int | float | str | bool) or value is None else str(value)
@@ -94,12 +106,6 @@ def group_stats(stats: Mapping[str, Any]) -> dict[str, dict[str, Scalar]]:
                 break
         else:
             groups["zcache"][key] = scalar
-    if groups["summary"]:
-        order = {k: i for i, k in enumerate(SUMMARY_KEYS)}
-        groups["summary"] = dict(
-            sorted(groups["summary"].items(), key=lambda kv: order.get(kv[0], len(order)))
-        )
-    return {name: values for name, values in groups.items() if values}
 
 
 def _human(key: str, value: Scalar) -> str:
