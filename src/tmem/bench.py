@@ -50,6 +50,14 @@ _CHUNK = 4096  # pages per timed chunk; contenders alternate between chunks
 _SWIZ = 8
 
 
+def engine_kind() -> str:
+    """ "mypyc-compiled" or "pure Python": which zcache build the numbers are for."""
+    import tmem.zcache
+
+    path = getattr(tmem.zcache, "__file__", "") or ""
+    return "pure Python" if path.endswith(".py") else "mypyc-compiled"
+
+
 def make_items(pages: Sequence[bytes], n: int) -> list[Item]:
     """``n`` (oid, index, page) triples, repeating ``pages``; keys as frontswap swizzles them."""
     m = len(pages)
@@ -424,6 +432,7 @@ class BenchReport:
             "unique_pages": self.unique_pages,
             "repeat": self.repeat,
             "clock": CLOCK_NAMES[self.clock],
+            "engine": engine_kind(),
             "memory": self.memory,
             "put": {
                 "zcache_pages_per_s": zc_put,

@@ -67,7 +67,7 @@ def render(report: BenchReport, console: Console) -> None:
     console.print(
         f"[bold]tmem bench[/]  corpus={d['corpus']}  compressor={d['compressor']}  "
         f"pages={d['pages']:,} ({d['unique_pages']:,} distinct)  repeat={d['repeat']}  "
-        f"budget={format_size(d['memory'])}  clock={d['clock']}"
+        f"budget={format_size(d['memory'])}  clock={d['clock']}  engine={d['engine']}"
     )
     t = Table(title="throughput (pages/s, median)", title_justify="left")
     t.add_column("operation")
