@@ -202,8 +202,11 @@ def test_bench_file_corpus_zstd_sizes() -> None:
             "--no-density",
             "--clock",
             "wall",
+            "--batch",
+            "7",
         )
     )
+    assert data["put_many"]["batch"] == 7 and data["put_many"]["ratio"] > 0
     assert data["compressor"] == "zstd"
     assert data["clock"] == "wall clock"
     assert data["memory"] == 128 * 1024**2

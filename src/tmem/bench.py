@@ -182,6 +182,7 @@ def _one_repeat(
     progress: Progress | None,
     verify: bool,
     clock: Callable[[], float] = time.perf_counter,
+    batch: int = 256,
 ) -> tuple[RunResult, Zcache]:
     """One put-all + get-all, the contenders interleaved chunk by chunk.
 
@@ -194,8 +195,8 @@ def _one_repeat(
     store: dict[tuple[Oid, int], bytes] = {}
     zc = Zcache(memory=memory, compressor=compressor)
     pool = zc.new_pool(persistent=True)
-    batch = hasattr(zc, "put_many")
-    zb = Zcache(memory=memory, compressor=compressor) if batch else None
+    has_batch = hasattr(zc, "put_many")
+    zb = Zcache(memory=memory, compressor=compressor) if has_batch else None
     bpool = zb.new_pool(persistent=True) if zb is not None else -1
     fails = [0]
     secs: dict[str, float] = dict.fromkeys(
@@ -212,11 +213,24 @@ def _one_repeat(
         ("zc_get", lambda _k, chunk: _zc_get(zc, pool, chunk)),
     ]
     if zb is not None:
-        put_steps.append(("zc_put_many", lambda _k, chunk: zb.put_many(bpool, chunk)))
+        # Batches of ``batch`` pages (an NBD request's worth), cut outside the clock.
+        item_batches = [
+            [chunk[j : j + batch] for j in range(0, len(chunk), batch)] for chunk in _chunks(items)
+        ]
+
+        def put_many(k: int, _chunk: Sequence[Item]) -> None:
+            for b in item_batches[k]:
+                zb.put_many(bpool, b)
+
+        put_steps.append(("zc_put_many", put_many))
         if hasattr(zb, "get_many"):
-            # The batch API takes (oid, index) keys: build them outside the clock.
-            key_chunks = [[(o, i) for o, i, _p in chunk] for chunk in _chunks(items)]
-            get_steps.append(("zc_get_many", lambda k, _chunk: zb.get_many(bpool, key_chunks[k])))
+            key_batches = [[[(o, i) for o, i, _p in b] for b in bs] for bs in item_batches]
+
+            def get_many(k: int, _chunk: Sequence[Item]) -> None:
+                for keys in key_batches[k]:
+                    zb.get_many(bpool, keys)
+
+            get_steps.append(("zc_get_many", get_many))
     gc.collect()
     for phase, steps in (("put", put_steps), ("get", get_steps)):
         for k, chunk in enumerate(_chunks(items)):
@@ -401,6 +415,7 @@ class BenchReport:
     repeat: int
     memory: int
     clock: str = "cpu"
+    batch: int = 256
     runs: list[RunResult] = field(default_factory=list)
     density: dict[str, Any] = field(default_factory=dict)
     mixed: dict[str, Any] = field(default_factory=dict)
@@ -447,10 +462,12 @@ class BenchReport:
                 "zcache_us_per_page": us(zc_get),
             },
             "put_many": {
+                "batch": self.batch,
                 "zcache_pages_per_s": self._median("zc_put_many"),
                 "ratio": self._ratio("zc_put_many", "dict_put"),
             },
             "get_many": {
+                "batch": self.batch,
                 "zcache_pages_per_s": self._median("zc_get_many"),
                 "ratio": self._ratio("zc_get_many", "dict_get"),
             },
@@ -500,6 +517,11 @@ def _warm_up(items: Sequence[Item], compressor: str) -> None:
     pool = zc.new_pool(persistent=True)
     _zc_put(zc, pool, items, [0])
     _zc_get(zc, pool, items)
+    if hasattr(zc, "put_many"):
+        batch = zc.new_pool(persistent=True)
+        zc.put_many(batch, items)
+        if hasattr(zc, "get_many"):
+            zc.get_many(batch, [(o, i) for o, i, _p in items])
 
 
 def run_bench(
@@ -515,6 +537,7 @@ def run_bench(
     density: bool = True,
     mixed: bool = True,
     clock: str = "cpu",
+    batch: int = 256,
 ) -> BenchReport:
     """Run all phases; ``n`` pages (default: the corpus once), median of ``repeat`` runs.
 
@@ -524,6 +547,8 @@ def run_bench(
     """
     if not pages:
         raise ValueError("no pages to replay")
+    if batch < 1:
+        raise ConfigError(f"batch size must be positive, got {batch}")
     if clock not in CLOCKS:
         raise ConfigError(f"unknown clock {clock!r}; choose from {', '.join(CLOCKS)}")
     timer = CLOCKS[clock]
@@ -539,6 +564,7 @@ def run_bench(
         repeat=repeat,
         memory=budget,
         clock=clock,
+        batch=batch,
     )
     gc.collect()
     gc.freeze()  # the page corpus is immortal: keep it out of every GC pass
@@ -547,7 +573,7 @@ def run_bench(
         frames_used = 0
         for r in range(max(1, repeat)):
             result, zc = _one_repeat(
-                items, budget, compressor, progress, verify=(r == 0), clock=timer
+                items, budget, compressor, progress, verify=(r == 0), clock=timer, batch=batch
             )
             report.runs.append(result)
             if r == 0:

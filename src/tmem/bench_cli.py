@@ -78,8 +78,8 @@ def render(report: BenchReport, console: Console) -> None:
     for name, key, base in (
         ("put", "put", "put"),
         ("get", "get", "get"),
-        ("put_many (batch)", "put_many", "put"),
-        ("get_many (batch)", "get_many", "get"),
+        (f"put_many (batch {d['put_many']['batch']})", "put_many", "put"),
+        (f"get_many (batch {d['get_many']['batch']})", "get_many", "get"),
     ):
         row = d[key]
         rate = row["zcache_pages_per_s"]
@@ -174,6 +174,13 @@ def render(report: BenchReport, console: Console) -> None:
 @click.option("--no-density", is_flag=True, help="Skip the tracemalloc density pass.")
 @click.option("--no-mixed", is_flag=True, help="Skip the mixed (ouroboros) phase.")
 @click.option(
+    "--batch",
+    type=click.IntRange(1, 1 << 20),
+    default=256,
+    show_default=True,
+    help="Pages per put_many/get_many call.",
+)
+@click.option(
     "--clock",
     type=click.Choice(["cpu", "wall"]),
     default="cpu",
@@ -190,6 +197,7 @@ def bench(
     repeat: int,
     no_density: bool,
     no_mixed: bool,
+    batch: int,
     clock: str,
     as_json: bool,
 ) -> None:
@@ -239,6 +247,7 @@ def bench(
                 density=not no_density,
                 mixed=not no_mixed,
                 clock=clock,
+                batch=batch,
             )
         except TmemError as exc:
             raise click.ClickException(str(exc)) from exc
