@@ -236,3 +236,41 @@ def test_size_and_count_params() -> None:
     assert count.convert("10k", None, None) == 10_000
     with pytest.raises(click.BadParameter):
         count.convert("1.5", None, None)
+
+
+def test_stats_url_against_tmem_serve(tmp_path: Path) -> None:
+    """`tmem stats --url` reads the /stats of a real `tmem serve` process."""
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    sock = tmp_path / "nbd.sock"
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tmem",
+            "serve",
+            "--listen",
+            f"unix:{sock}",
+            "--size",
+            "16MiB",
+            "--memory",
+            "4MiB",
+            "--stats",
+            "127.0.0.1:0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert "ready" in line, line
+        url = line.split("stats ", 1)[1].split()[0]
+        data = json.loads(tmem("stats", "--url", url, "--json"))
+        assert data["zcache"]["frames_total"] == 1024
+        out = tmem("stats", "--url", url)
+        assert "summary" in out and "zbud" in out and "blockdev" in out
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
