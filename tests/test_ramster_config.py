@@ -60,25 +60,30 @@ def test_default_replicas_is_two(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda t: t.replace('number = 2', 'number = 1'), "number 1 is used twice"),
+        (lambda t: t.replace("number = 2", "number = 1"), "number 1 is used twice"),
         (lambda t: t.replace('name = "n2"', 'name = "n1"'), "name 'n1' is used twice"),
-        (lambda t: t.replace('"127.0.0.2"\nport = 7702', '"127.0.0.1"\nport = 7701'),
-         "address 127.0.0.1:7701 is used twice"),
-        (lambda t: t.replace('secret_file = "lab.secret"\n', ''), "secret is required"),
-        (lambda t: t.replace('secret_file = "lab.secret"', 'secret_file = "nope"'),
-         "cannot read secret_file"),
-        (lambda t: t.replace('replicas = 2', 'replicas = 3'), "needs at least 4 nodes"),
-        (lambda t: t.replace('replicas = 2', 'replicas = 0'), "out of range"),
-        (lambda t: t.replace('port = 7703', 'port = 70000'), "out of range"),
-        (lambda t: t.replace('port = 7703', 'port = "x"'), "must be an integer"),
-        (lambda t: t.replace('replicas = 2', 'policy = "manual"'), "needs target"),
-        (lambda t: t.replace('replicas = 2', 'policy = "manual"\ntarget = "n9"'),
-         "no node 'n9'"),
-        (lambda t: t.replace('replicas = 2', 'policy = "random"'), "policy must be one of"),
-        (lambda t: t.replace('replicas = 2', 'keepalive = 5\nidle_timeout = 2'),
-         "idle_timeout must exceed keepalive"),
-        (lambda t: t.replace('replicas = 2', 'colour = 1'), "unknown key"),
-        (lambda t: t.replace('host = "127.0.0.3"\n', ''), "missing key 'host'"),
+        (
+            lambda t: t.replace('"127.0.0.2"\nport = 7702', '"127.0.0.1"\nport = 7701'),
+            "address 127.0.0.1:7701 is used twice",
+        ),
+        (lambda t: t.replace('secret_file = "lab.secret"\n', ""), "secret is required"),
+        (
+            lambda t: t.replace('secret_file = "lab.secret"', 'secret_file = "nope"'),
+            "cannot read secret_file",
+        ),
+        (lambda t: t.replace("replicas = 2", "replicas = 3"), "needs at least 4 nodes"),
+        (lambda t: t.replace("replicas = 2", "replicas = 0"), "out of range"),
+        (lambda t: t.replace("port = 7703", "port = 70000"), "out of range"),
+        (lambda t: t.replace("port = 7703", 'port = "x"'), "must be an integer"),
+        (lambda t: t.replace("replicas = 2", 'policy = "manual"'), "needs target"),
+        (lambda t: t.replace("replicas = 2", 'policy = "manual"\ntarget = "n9"'), "no node 'n9'"),
+        (lambda t: t.replace("replicas = 2", 'policy = "random"'), "policy must be one of"),
+        (
+            lambda t: t.replace("replicas = 2", "keepalive = 5\nidle_timeout = 2"),
+            "idle_timeout must exceed keepalive",
+        ),
+        (lambda t: t.replace("replicas = 2", "colour = 1"), "unknown key"),
+        (lambda t: t.replace('host = "127.0.0.3"\n', ""), "missing key 'host'"),
         (lambda t: t + "\n[[node]\n", "not valid TOML"),
     ],
 )
@@ -90,7 +95,8 @@ def test_bad_files_are_refused_clearly(tmp_path: Path, edit, message: str) -> No
 
 def test_inline_secret_and_manual_target(tmp_path: Path) -> None:
     text = BASE.replace('secret_file = "lab.secret"', 'secret = "s3cr3t-s3cr3t"').replace(
-        "replicas = 2", 'replicas = 1\npolicy = "manual"\ntarget = "n3"')
+        "replicas = 2", 'replicas = 1\npolicy = "manual"\ntarget = "n3"'
+    )
     cfg = parse_config(__import__("tomllib").loads(text))
     assert cfg.secret == b"s3cr3t-s3cr3t"
     assert cfg.target_number == 3
@@ -140,8 +146,13 @@ def test_membership_up_down_restart_without_sleeping() -> None:
     nodes = [NodeSpec(f"n{i}", i, "127.0.0.1", 7700 + i) for i in (1, 2, 3)]
     clock = Clock()
     seen: list[tuple[EventKind, int]] = []
-    m = Membership(nodes[0], nodes, dead_after=3.0, clock=clock,
-                   on_event=lambda e: seen.append((e.kind, e.node)))
+    m = Membership(
+        nodes[0],
+        nodes,
+        dead_after=3.0,
+        clock=clock,
+        on_event=lambda e: seen.append((e.kind, e.node)),
+    )
     assert m.up_nodes() == [] and m.peers[2].state is PeerState.UNKNOWN
     m.heard(2, incarnation=7, free_frames=100, total_frames=200)
     m.heard(3, incarnation=9, free_frames=300, total_frames=400)

@@ -152,8 +152,10 @@ def _integer(section: str, key: str, value: Any, *, lo: int, hi: int) -> int:
 
 def _string(section: str, key: str, value: Any) -> str:
     if not isinstance(value, str) or not value or len(value) > MAX_NAME:
-        raise ConfigError(f"[{section}] {key} must be a non-empty string of at most "
-                          f"{MAX_NAME} characters, got {value!r}")
+        raise ConfigError(
+            f"[{section}] {key} must be a non-empty string of at most "
+            f"{MAX_NAME} characters, got {value!r}"
+        )
     return value
 
 
@@ -175,8 +177,9 @@ def _parse_node(i: int, raw: Any) -> NodeSpec:
         ipaddress.ip_address(host)
     except ValueError:
         if not all(part.isalnum() or "-" in part for part in host.split(".")):
-            raise ConfigError(f"{where}: host {host!r} is neither an IP address "
-                              "nor a host name") from None
+            raise ConfigError(
+                f"{where}: host {host!r} is neither an IP address nor a host name"
+            ) from None
     port = _integer(where, "port", raw["port"], lo=1, hi=65535)
     return NodeSpec(name, number, host, port)
 
@@ -211,8 +214,9 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Clust
         try:
             secret = spath.read_bytes().strip()
         except OSError as exc:
-            raise ConfigError(f"[cluster] cannot read secret_file {str(spath)!r}: "
-                              f"{exc.strerror}") from None
+            raise ConfigError(
+                f"[cluster] cannot read secret_file {str(spath)!r}: {exc.strerror}"
+            ) from None
     else:
         raise ConfigError("[cluster]: a shared secret is required (secret or secret_file)")
     if len(secret) < 8:
@@ -229,13 +233,22 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Clust
     kw: dict[str, Any] = {}
     if "replicas" in cluster:
         kw["replicas"] = _integer("cluster", "replicas", cluster["replicas"], lo=1, hi=8)
-    for key in ("heartbeat_interval", "dead_after", "keepalive", "idle_timeout",
-                "request_timeout", "reconnect_min", "reconnect_max", "remotify_interval"):
+    for key in (
+        "heartbeat_interval",
+        "dead_after",
+        "keepalive",
+        "idle_timeout",
+        "request_timeout",
+        "reconnect_min",
+        "reconnect_max",
+        "remotify_interval",
+    ):
         if key in cluster:
             kw[key] = _number("cluster", key, cluster[key], lo=0.001, hi=86400)
     if "remotify_batch" in cluster:
-        kw["remotify_batch"] = _integer("cluster", "remotify_batch", cluster["remotify_batch"],
-                                        lo=1, hi=4096)
+        kw["remotify_batch"] = _integer(
+            "cluster", "remotify_batch", cluster["remotify_batch"], lo=1, hi=4096
+        )
     for key in ("low_watermark", "high_watermark"):
         if key in cluster:
             kw[key] = _number("cluster", key, cluster[key], lo=0.0, hi=1.0)
@@ -246,8 +259,9 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Clust
             kw[key] = cluster[key]
     if "policy" in cluster:
         if cluster["policy"] not in POLICIES:
-            raise ConfigError(f"[cluster] policy must be one of {', '.join(POLICIES)}, "
-                              f"got {cluster['policy']!r}")
+            raise ConfigError(
+                f"[cluster] policy must be one of {', '.join(POLICIES)}, got {cluster['policy']!r}"
+            )
         kw["policy"] = cluster["policy"]
     if "target" in cluster:
         kw["target"] = _string("cluster", "target", cluster["target"])
@@ -278,19 +292,23 @@ def _check_consistency(cfg: ClusterConfig) -> None:
         raise ConfigError(
             f"[cluster] replicas = {cfg.replicas} needs at least {cfg.replicas + 1} nodes "
             f"(each remote copy lives on a different node than its owner); "
-            f"the cluster has {len(cfg.nodes)}")
+            f"the cluster has {len(cfg.nodes)}"
+        )
     if cfg.policy == "manual":
         if cfg.target is None:
-            raise ConfigError("[cluster] policy = \"manual\" needs target = \"<node name>\"")
+            raise ConfigError('[cluster] policy = "manual" needs target = "<node name>"')
         cfg.node(cfg.target)
     elif cfg.target is not None:
-        raise ConfigError("[cluster] target is only meaningful with policy = \"manual\"")
+        raise ConfigError('[cluster] target is only meaningful with policy = "manual"')
     if cfg.idle_timeout <= cfg.keepalive:
-        raise ConfigError("[cluster] idle_timeout must exceed keepalive "
-                          f"({cfg.idle_timeout} <= {cfg.keepalive})")
+        raise ConfigError(
+            f"[cluster] idle_timeout must exceed keepalive ({cfg.idle_timeout} <= {cfg.keepalive})"
+        )
     if cfg.dead_after <= cfg.heartbeat_interval:
-        raise ConfigError("[cluster] dead_after must exceed heartbeat_interval "
-                          f"({cfg.dead_after} <= {cfg.heartbeat_interval})")
+        raise ConfigError(
+            "[cluster] dead_after must exceed heartbeat_interval "
+            f"({cfg.dead_after} <= {cfg.heartbeat_interval})"
+        )
     if cfg.reconnect_max < cfg.reconnect_min:
         raise ConfigError("[cluster] reconnect_max must be >= reconnect_min")
     if cfg.high_watermark < cfg.low_watermark:
@@ -318,8 +336,7 @@ def diff(old: ClusterConfig, new: ClusterConfig) -> ConfigDiff:
     new_by = {n.number: n for n in new.nodes}
     added = tuple(n for num, n in sorted(new_by.items()) if num not in old_by)
     removed = tuple(n for num, n in sorted(old_by.items()) if num not in new_by)
-    changed = tuple(n for num, n in sorted(new_by.items())
-                    if num in old_by and old_by[num] != n)
+    changed = tuple(n for num, n in sorted(new_by.items()) if num in old_by and old_by[num] != n)
     return ConfigDiff(added, removed, changed)
 
 
@@ -332,8 +349,9 @@ def _toml_value(v: Any) -> str:
     return f'"{s}"'
 
 
-def edit_nodes(path: str | Path, *, add: NodeSpec | None = None,
-               remove: str | None = None) -> ClusterConfig:
+def edit_nodes(
+    path: str | Path, *, add: NodeSpec | None = None, remove: str | None = None
+) -> ClusterConfig:
     """Add or remove a [[node]] in the file, validate the result, then rewrite it.
 
     The [cluster] table is kept as written (raw values, including secret_file),
@@ -352,8 +370,7 @@ def edit_nodes(path: str | Path, *, add: NodeSpec | None = None,
             raise ConfigError(f"no node {remove!r} in {p}")
         nodes = kept
     if add is not None:
-        nodes.append({"name": add.name, "number": add.number, "host": add.host,
-                      "port": add.port})
+        nodes.append({"name": add.name, "number": add.number, "host": add.host, "port": add.port})
     data["node"] = nodes
     cfg = parse_config(data, base_dir=p.parent)
     lines = ["[cluster]"]

@@ -61,9 +61,14 @@ class Peer:
 class Membership:
     """Liveness and load of every configured peer, as seen from ``local``."""
 
-    def __init__(self, local: NodeSpec, nodes: Iterable[NodeSpec], dead_after: float,
-                 clock: Callable[[], float] = time.monotonic,
-                 on_event: Callable[[Event], None] | None = None) -> None:
+    def __init__(
+        self,
+        local: NodeSpec,
+        nodes: Iterable[NodeSpec],
+        dead_after: float,
+        clock: Callable[[], float] = time.monotonic,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> None:
         self.local = local
         self.dead_after = dead_after
         self.clock = clock
@@ -96,8 +101,9 @@ class Membership:
                 self.peers[num] = Peer(spec)
         return out
 
-    def heard(self, node: int, incarnation: int, free_frames: int,
-              total_frames: int) -> list[Event]:
+    def heard(
+        self, node: int, incarnation: int, free_frames: int, total_frames: int
+    ) -> list[Event]:
         """A heartbeat from ``node`` arrived (unknown nodes are ignored)."""
         out: list[Event] = []
         peer = self.peers.get(node)
@@ -125,8 +131,11 @@ class Membership:
         out: list[Event] = []
         now = self.clock()
         for num, peer in self.peers.items():
-            if peer.state is PeerState.UP and peer.last_heard is not None \
-                    and now - peer.last_heard > self.dead_after:
+            if (
+                peer.state is PeerState.UP
+                and peer.last_heard is not None
+                and now - peer.last_heard > self.dead_after
+            ):
                 peer.state = PeerState.DOWN
                 peer.downs += 1
                 peer.down_since = now
@@ -176,9 +185,14 @@ class Membership:
         now = self.clock()
         return [
             {
-                "node": p.spec.name, "number": num, "state": p.state.value,
-                "free_frames": p.free_frames, "total_frames": p.total_frames,
-                "heartbeats": p.heartbeats, "ups": p.ups, "downs": p.downs,
+                "node": p.spec.name,
+                "number": num,
+                "state": p.state.value,
+                "free_frames": p.free_frames,
+                "total_frames": p.total_frames,
+                "heartbeats": p.heartbeats,
+                "ups": p.ups,
+                "downs": p.downs,
                 "restarts": p.restarts,
                 "silent_for": None if p.last_heard is None else round(now - p.last_heard, 3),
             }

@@ -19,8 +19,9 @@ class TargetPolicy(Protocol):
 
     name: str
 
-    def choose(self, free_frames: Mapping[int, int], count: int,
-               exclude: Collection[int] = ()) -> list[int]:
+    def choose(
+        self, free_frames: Mapping[int, int], count: int, exclude: Collection[int] = ()
+    ) -> list[int]:
         """``free_frames`` maps each live peer's number to its advertised free frames.
 
         Returns at most ``count`` distinct node numbers, best first, none from
@@ -34,12 +35,14 @@ class LeastLoaded:
 
     name = "least-loaded"
 
-    def choose(self, free_frames: Mapping[int, int], count: int,
-               exclude: Collection[int] = ()) -> list[int]:
-        ranked = sorted((n for n, free in free_frames.items()
-                         if free > 0 and n not in exclude),
-                        key=lambda n: (-free_frames[n], n))
-        return ranked[:max(count, 0)]
+    def choose(
+        self, free_frames: Mapping[int, int], count: int, exclude: Collection[int] = ()
+    ) -> list[int]:
+        ranked = sorted(
+            (n for n, free in free_frames.items() if free > 0 and n not in exclude),
+            key=lambda n: (-free_frames[n], n),
+        )
+        return ranked[: max(count, 0)]
 
 
 class Manual:
@@ -54,16 +57,19 @@ class Manual:
     def __init__(self, target: int) -> None:
         self.target = target
 
-    def choose(self, free_frames: Mapping[int, int], count: int,
-               exclude: Collection[int] = ()) -> list[int]:
+    def choose(
+        self, free_frames: Mapping[int, int], count: int, exclude: Collection[int] = ()
+    ) -> list[int]:
         if count <= 0:
             return []
         first: list[int] = []
-        if (self.target in free_frames and free_frames[self.target] > 0
-                and self.target not in exclude):
+        if (
+            self.target in free_frames
+            and free_frames[self.target] > 0
+            and self.target not in exclude
+        ):
             first = [self.target]
-        rest = LeastLoaded().choose(free_frames, count - len(first),
-                                    set(exclude) | {self.target})
+        rest = LeastLoaded().choose(free_frames, count - len(first), set(exclude) | {self.target})
         return first + rest
 
 
