@@ -940,13 +940,30 @@ _HEADER_FLAGS: dict[int, int] = {MsgType.GET_BATCH: FLAG_FREE}
 
 
 def decode_frame(frame: Buffer) -> Message:
-    """Decode exactly one complete frame (tests and tools). Raises LocalProtocolError."""
-    conn = Connection(max_payload=max(len(frame), 1))
-    conn.receive_data(bytes(frame))
-    ev = conn.next_event()
-    if not isinstance(ev, Message) or conn.next_event() is not NEED_DATA or conn._buf:
-        raise LocalProtocolError(f"not exactly one valid frame: {ev!r}")
-    return ev
+    """Decode exactly one complete frame of any type, handshake frames included
+    (tests and tools; a live peer goes through :class:`Connection`).
+    Raises LocalProtocolError naming the ProtocolError reason."""
+    mv = memoryview(bytes(frame))
+    if len(mv) < HEADER_SIZE:
+        raise LocalProtocolError("truncated: shorter than a frame header")
+    magic, version, mtype, flags, pad, cookie, status, length, crc = _HDR.unpack_from(mv)
+    if magic != MAGIC:
+        raise LocalProtocolError(f"bad-magic: 0x{magic:04x}")
+    if version != PROTOCOL_VERSION:
+        raise LocalProtocolError(f"version: {version}")
+    if length != len(mv) - HEADER_SIZE:
+        raise LocalProtocolError(f"truncated: length field {length}, {len(mv) - HEADER_SIZE} bytes")
+    decoder = _DECODERS.get(mtype)
+    if decoder is None:
+        raise LocalProtocolError(f"unknown-type: {mtype}")
+    if pad or flags & ~_HEADER_FLAGS.get(mtype, 0):
+        raise LocalProtocolError("malformed: header flags")
+    if _crc32(mv[HEADER_SIZE:], _crc32(mv[:_HDR_PREFIX])) != crc:
+        raise LocalProtocolError("checksum")
+    try:
+        return decoder(mv[HEADER_SIZE:], flags, cookie, status)
+    except (_Malformed, struct.error, ValueError) as exc:
+        raise LocalProtocolError(f"malformed: {exc}") from None
 
 
 # ---------------------------------------------------------------- connection
