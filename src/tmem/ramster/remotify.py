@@ -1,0 +1,702 @@
+"""Remotify, remote get/flush, replication and repatriation: a node's page logic.
+
+A :class:`PageEngine` fronts one local :class:`~tmem.zcache.Zcache` for the
+node's own clients (NBD export, control API) and serves foreign pages for its
+peers.  It talks to peers only through the small async :class:`PeerClient`
+interface, so the same logic runs over the real transport and, in unit tests,
+over in-process peers.
+
+How it differs from the kernel (reference section 5), on purpose:
+
+* A persistent page goes to ``replicas`` distinct peers (policy-chosen).  When a
+  peer is declared down or restarts, every page that had a copy there is
+  re-replicated from a surviving copy, so one node's death loses nothing.
+* A remote put that fails leaves the page local (no leaked zombie frame).
+* A write that finds RAM full is held while the engine remotifies LRU pages,
+  instead of failing, as long as some peer has room.
+* Flushes of remote pages are queued per peer and always sent before the next
+  put batch to that peer, on the same ordered connection, so a flush can never
+  overtake (or be overtaken by) a later put of the same handle.  A put of a
+  handle whose remotify is in flight invalidates that remotify (generation
+  check), and the stale remote copies are flushed.
+
+Local bookkeeping is an adapter over the public Zcache API (put/get/flush with
+``client=``): the engine keeps its own LRU of local handles and its own map of
+remote handles, because the stand-in Zcache on main has no ``zombify_lru`` /
+``replace`` yet.  Pages travel uncompressed (the stand-in has no
+``get_compressed``/``put_compressed``); the receiver compresses once on store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tmem.compress import PAGE_SIZE
+from tmem.errors import TmemError, UnknownPoolError
+from tmem.zcache import LOCAL_CLIENT, Oid, PutResult, Zcache
+
+from .policy import TargetPolicy
+
+log = logging.getLogger("tmem.ramster.remotify")
+
+Key = tuple[int, Oid, int]  # (pool_id, oid, index) in the owner's numbering
+
+
+class PutStatus:
+    """Per-page status of a remote put (wire values)."""
+
+    STORED = 0
+    FULL = 1  # receiver out of room (or under its reserve): sender keeps the page
+    POOR = 2  # did not compress well enough
+    BAD = 3  # bad pool / handle / page
+
+
+class PeerError(TmemError):
+    """A peer could not be reached or did not answer in time."""
+
+
+class PeerClient(Protocol):
+    """How the engine reaches other nodes (the transport implements it)."""
+
+    async def put_pages(
+        self, node: int, persistent: bool, items: list[tuple[Key, bytes]]
+    ) -> list[int]: ...
+
+    async def get_pages(self, node: int, keys: list[Key], free: bool) -> list[bytes | None]: ...
+
+    async def flush_pages(self, node: int, keys: list[Key]) -> None: ...
+
+    async def flush_objects(self, node: int, objs: list[tuple[int, Oid]]) -> None: ...
+
+    async def destroy_pools(self, node: int, pools: list[int]) -> None: ...
+
+
+@dataclass(slots=True)
+class RemoteEntry:
+    """Where the copies of a remotified page live."""
+
+    nodes: list[int]
+    persistent: bool
+
+
+@dataclass(slots=True)
+class Counters:
+    """The kernel's RAMster debugfs counters (5.13) plus what replication adds."""
+
+    eph_pages_remoted: int = 0
+    pers_pages_remoted: int = 0
+    eph_pages_remote_failed: int = 0
+    pers_pages_remote_failed: int = 0
+    remote_eph_pages_succ_get: int = 0
+    remote_pers_pages_succ_get: int = 0
+    remote_eph_pages_unsucc_get: int = 0
+    remote_pers_pages_unsucc_get: int = 0
+    pers_pages_remote_nomem: int = 0
+    remote_objects_flushed: int = 0
+    remote_pages_flushed: int = 0
+    remote_object_flushes_failed: int = 0
+    remote_page_flushes_failed: int = 0
+    remote_pools_destroyed: int = 0
+    foreign_eph_pages: int = 0
+    foreign_eph_pages_max: int = 0
+    foreign_pers_pages: int = 0
+    foreign_pers_pages_max: int = 0
+    foreign_puts_refused: int = 0
+    remote_pers_pages: int = 0
+    remote_eph_pages: int = 0
+    pers_pages_repatriated: int = 0
+    pers_pages_rereplicated: int = 0
+    pers_pages_under_replicated: int = 0
+    pers_pages_lost: int = 0
+    eph_pages_lost: int = 0
+    writes_held: int = 0
+    writes_failed_nomem: int = 0
+    remotify_runs: int = 0
+    stale_remotify_discarded: int = 0
+
+
+@dataclass(slots=True)
+class _PeerOutbox:
+    flush_pages: dict[Key, None] = field(default_factory=dict)
+    flush_objects: dict[tuple[int, Oid], None] = field(default_factory=dict)
+    destroy_pools: dict[int, None] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.flush_pages or self.flush_objects or self.destroy_pools)
+
+
+class PageEngine:
+    """Local + remote page store of one node (see module docstring)."""
+
+    def __init__(
+        self,
+        zcache: Zcache,
+        *,
+        node_number: int,
+        peers: PeerClient,
+        policy: TargetPolicy,
+        live_peers: Callable[[], dict[int, int]],
+        replicas: int = 2,
+        low_watermark: float = 0.25,
+        high_watermark: float = 0.5,
+        batch: int = 128,
+        remotify_ephemeral: bool = True,
+        remotify_persistent: bool = True,
+    ) -> None:
+        self.zc = zcache
+        self.node_number = node_number
+        self.peers = peers
+        self.policy = policy
+        self.live_peers = live_peers  # () -> dict[node, advertised free frames]
+        self.replicas = replicas
+        self.low_frames = int(zcache.frames_total * low_watermark)
+        self.high_frames = int(zcache.frames_total * high_watermark)
+        self.batch = batch
+        self.remotify_ephemeral = remotify_ephemeral
+        self.remotify_persistent = remotify_persistent
+        self.c = Counters()
+        # local pools of the node's own client: pool_id -> persistent
+        self.pools: dict[int, bool] = {}
+        # LRU of local pages (oldest first); value: generation at last change
+        self.lru: dict[Key, int] = {}
+        self.remote: dict[Key, RemoteEntry] = {}
+        self.under: dict[Key, None] = {}  # persistent entries with < replicas copies
+        self.gen = 0
+        self.outbox: dict[int, _PeerOutbox] = {}
+        self.send_lock = asyncio.Lock()
+        # foreign pools: (client, pool_id) -> persistent
+        self.foreign: dict[tuple[int, int], bool] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def _bump(self) -> int:
+        self.gen += 1
+        return self.gen
+
+    def _persistent(self, pool_id: int) -> bool:
+        try:
+            return self.pools[pool_id]
+        except (KeyError, TypeError):
+            raise UnknownPoolError(f"no pool {pool_id!r}") from None
+
+    def _forget_remote(self, key: Key) -> None:
+        """Drop the remote copies of ``key`` (queue flushes to their holders)."""
+        entry = self.remote.pop(key, None)
+        if entry is None:
+            return
+        self.under.pop(key, None)
+        if entry.persistent:
+            self.c.remote_pers_pages -= 1
+        else:
+            self.c.remote_eph_pages -= 1
+        for node in entry.nodes:
+            self.outbox.setdefault(node, _PeerOutbox()).flush_pages[key] = None
+
+    def _set_remote(self, key: Key, entry: RemoteEntry) -> None:
+        self.remote[key] = entry
+        if entry.persistent:
+            self.c.remote_pers_pages += 1
+            if len(entry.nodes) < self.replicas:
+                self.under[key] = None
+        else:
+            self.c.remote_eph_pages += 1
+
+    def room(self) -> int:
+        """Frames this node offers to peers: free frames above its own reserve."""
+        return max(0, self.zc.frames_free - self.low_frames)
+
+    # ----------------------------------------------------------- local clients
+    def new_pool(self, persistent: bool = False) -> int:
+        pool_id = self.zc.new_pool(persistent=persistent)
+        self.pools[pool_id] = persistent
+        return pool_id
+
+    async def put(self, pool_id: int, oid: Oid, index: int, page: bytes) -> bool:
+        """Store a page; if RAM is full, hold the write while pages are remotified."""
+        self._persistent(pool_id)
+        key = (pool_id, oid, index)
+        self._forget_remote(key)
+        self.lru.pop(key, None)
+        held = False
+        while True:
+            status = self.zc.put_status(pool_id, oid, index, page)
+            if status is PutResult.STORED:
+                self.lru[key] = self._bump()
+                return True
+            if status is not PutResult.NO_MEMORY:
+                return False
+            if not held:
+                held = True
+                self.c.writes_held += 1
+            moved = await self.remotify_once(self.batch)
+            if moved == 0:
+                self.c.writes_failed_nomem += 1
+                return False
+
+    async def get(
+        self, pool_id: int, oid: Oid, index: int, free: bool | None = None
+    ) -> bytes | None:
+        """A local hit, or a fetch from a peer holding a copy."""
+        persistent = self._persistent(pool_id)
+        if free is None:
+            free = not persistent
+        key = (pool_id, oid, index)
+        page = self.zc.get(pool_id, oid, index, free=free)
+        if page is not None:
+            if free:
+                self.lru.pop(key, None)
+            elif key in self.lru:
+                self.lru[key] = self.lru.pop(key)
+            return page
+        entry = self.remote.get(key)
+        if entry is None:
+            return None
+        return await self._remote_get(key, entry, free)
+
+    async def _remote_get(self, key: Key, entry: RemoteEntry, free: bool) -> bytes | None:
+        live = self.live_peers()
+        order = sorted(entry.nodes, key=lambda n: (n not in live, n))
+        page: bytes | None = None
+        source = None
+        for node in order:
+            try:
+                got = await self.peers.get_pages(node, [key], free)
+            except PeerError:
+                continue
+            if got and got[0] is not None:
+                page, source = got[0], node
+                break
+        if self.remote.get(key) is not entry:
+            # Flushed or rewritten while we waited: the fetched copy is the value
+            # this get observed; the newer operation already owns the state.
+            return page
+        if page is None:
+            if entry.persistent:
+                self.c.remote_pers_pages_unsucc_get += 1
+            else:
+                self.c.remote_eph_pages_unsucc_get += 1
+                self._forget_remote(key)
+            return None
+        if entry.persistent:
+            self.c.remote_pers_pages_succ_get += 1
+        else:
+            self.c.remote_eph_pages_succ_get += 1
+        if free:
+            if source is not None and source in entry.nodes:
+                entry.nodes.remove(source)
+            self._forget_remote(key)
+        elif entry.persistent and self.zc.frames_free > self.high_frames:
+            self._repatriate(key, page)
+        return page
+
+    def _repatriate(self, key: Key, page: bytes) -> bool:
+        pool_id, oid, index = key
+        if self.zc.put_status(pool_id, oid, index, page) is not PutResult.STORED:
+            self.c.pers_pages_remote_nomem += 1
+            return False
+        self._forget_remote(key)
+        self.lru[key] = self._bump()
+        self.c.pers_pages_repatriated += 1
+        return True
+
+    def flush_page(self, pool_id: int, oid: Oid, index: int) -> bool:
+        self._persistent(pool_id)
+        key = (pool_id, oid, index)
+        self.lru.pop(key, None)
+        was_remote = key in self.remote
+        self._forget_remote(key)
+        return self.zc.flush_page(pool_id, oid, index) or was_remote
+
+    def flush_object(self, pool_id: int, oid: Oid) -> int:
+        self._persistent(pool_id)
+        n = self.zc.flush_object(pool_id, oid)
+        gone = [k for k in self.lru if k[0] == pool_id and k[1] == oid]
+        for k in gone:
+            del self.lru[k]
+        remote = [k for k in self.remote if k[0] == pool_id and k[1] == oid]
+        holders: set[int] = set()
+        for k in remote:
+            entry = self.remote.pop(k)
+            self.under.pop(k, None)
+            if entry.persistent:
+                self.c.remote_pers_pages -= 1
+            else:
+                self.c.remote_eph_pages -= 1
+            holders.update(entry.nodes)
+        for node in holders:
+            self.outbox.setdefault(node, _PeerOutbox()).flush_objects[(pool_id, oid)] = None
+        return n + len(remote)
+
+    def destroy_pool(self, pool_id: int) -> int:
+        self._persistent(pool_id)
+        n = self.zc.destroy_pool(pool_id)
+        del self.pools[pool_id]
+        for k in [k for k in self.lru if k[0] == pool_id]:
+            del self.lru[k]
+        remote = [k for k in self.remote if k[0] == pool_id]
+        holders: set[int] = set()
+        for k in remote:
+            entry = self.remote.pop(k)
+            self.under.pop(k, None)
+            if entry.persistent:
+                self.c.remote_pers_pages -= 1
+            else:
+                self.c.remote_eph_pages -= 1
+            holders.update(entry.nodes)
+        for node in holders:
+            box = self.outbox.setdefault(node, _PeerOutbox())
+            box.flush_pages = {k: None for k in box.flush_pages if k[0] != pool_id}
+            box.flush_objects = {o: None for o in box.flush_objects if o[0] != pool_id}
+            box.destroy_pools[pool_id] = None
+        return n + len(remote)
+
+    # ------------------------------------------------------------ the worker
+    async def drain_flushes(self) -> None:
+        """Send every queued flush; a peer that fails keeps its queue for later."""
+        for node in list(self.outbox):
+            box = self.outbox[node]
+            if not box or node not in self.live_peers():
+                continue
+            pages, objs, pools = (
+                list(box.flush_pages),
+                list(box.flush_objects),
+                list(box.destroy_pools),
+            )
+            try:
+                for i in range(0, len(pages), self.batch * 4):
+                    chunk = pages[i : i + self.batch * 4]
+                    await self.peers.flush_pages(node, chunk)
+                    for k in chunk:
+                        box.flush_pages.pop(k, None)
+                    self.c.remote_pages_flushed += len(chunk)
+                if objs:
+                    await self.peers.flush_objects(node, objs)
+                    for o in objs:
+                        box.flush_objects.pop(o, None)
+                    self.c.remote_objects_flushed += len(objs)
+                if pools:
+                    await self.peers.destroy_pools(node, pools)
+                    for p in pools:
+                        box.destroy_pools.pop(p, None)
+                    self.c.remote_pools_destroyed += len(pools)
+            except PeerError:
+                self.c.remote_page_flushes_failed += len(box.flush_pages)
+                self.c.remote_object_flushes_failed += len(box.flush_objects)
+
+    def _victims(self, limit: int) -> list[tuple[Key, int, bool, bytes]]:
+        out: list[tuple[Key, int, bool, bytes]] = []
+        stale: list[Key] = []
+        for key, gen in self.lru.items():
+            if len(out) >= limit:
+                break
+            persistent = self.pools.get(key[0])
+            if persistent is None:
+                stale.append(key)
+                continue
+            if (persistent and not self.remotify_persistent) or (
+                not persistent and not self.remotify_ephemeral
+            ):
+                continue
+            page = self.zc.get(key[0], key[1], key[2], free=False)
+            if page is None:  # evicted by zcache itself (ephemeral)
+                stale.append(key)
+                continue
+            out.append((key, gen, persistent, page))
+        for key in stale:
+            self.lru.pop(key, None)
+        return out
+
+    async def remotify_once(self, limit: int | None = None) -> int:
+        """Move up to ``limit`` LRU local pages to peers; returns pages moved."""
+        limit = self.batch if limit is None else limit
+        async with self.send_lock:
+            self.c.remotify_runs += 1
+            await self.drain_flushes()
+            victims = self._victims(limit)
+            if not victims:
+                return 0
+            moved = 0
+            for persistent in (True, False):
+                group = [v for v in victims if v[2] is persistent]
+                if group:
+                    moved += await self._send_group(group, persistent)
+            return moved
+
+    async def _send_group(self, group: list[tuple[Key, int, bool, bytes]], persistent: bool) -> int:
+        want = self.replicas if persistent else 1
+        targets = self.policy.choose(self.live_peers(), want, exclude=(self.node_number,))
+        if not targets:
+            if persistent:
+                self.c.pers_pages_remote_failed += len(group)
+            else:
+                self.c.eph_pages_remote_failed += len(group)
+            return 0
+        items = [(key, page) for key, _gen, _p, page in group]
+        results = await asyncio.gather(
+            *(self.peers.put_pages(t, persistent, items) for t in targets),
+            return_exceptions=True,
+        )
+        accepted: list[list[int]] = [[] for _ in group]
+        for target, res in zip(targets, results, strict=True):
+            if isinstance(res, BaseException):
+                if not isinstance(res, PeerError):
+                    raise res
+                continue
+            for i, st in enumerate(res[: len(group)]):
+                if st == PutStatus.STORED:
+                    accepted[i].append(target)
+        moved = 0
+        for (key, gen, _p, _page), nodes in zip(group, accepted, strict=True):
+            if self.lru.get(key) != gen:
+                # Rewritten or flushed while in flight: the copies just sent are stale.
+                self.c.stale_remotify_discarded += 1
+                for node in nodes:
+                    self.outbox.setdefault(node, _PeerOutbox()).flush_pages[key] = None
+                continue
+            if not nodes:
+                if persistent:
+                    self.c.pers_pages_remote_failed += 1
+                else:
+                    self.c.eph_pages_remote_failed += 1
+                continue
+            del self.lru[key]
+            self.zc.flush_page(key[0], key[1], key[2])
+            self._set_remote(key, RemoteEntry(nodes, persistent))
+            if persistent:
+                self.c.pers_pages_remoted += 1
+            else:
+                self.c.eph_pages_remoted += 1
+            moved += 1
+        return moved
+
+    def need_remotify(self) -> bool:
+        return self.zc.frames_free < self.low_frames and bool(self.lru)
+
+    async def repatriate(self, limit: int | None = None) -> int:
+        """Pull persistent pages home while local memory is above the high watermark."""
+        limit = self.batch if limit is None else limit
+        done = 0
+        live = self.live_peers()
+        for key in list(self.remote)[:limit]:
+            if self.zc.frames_free <= self.high_frames:
+                break
+            entry = self.remote.get(key)
+            if entry is None or not entry.persistent:
+                continue
+            for node in [n for n in entry.nodes if n in live]:
+                try:
+                    got = await self.peers.get_pages(node, [key], False)
+                except PeerError:
+                    continue
+                if self.remote.get(key) is not entry:
+                    break
+                if got and got[0] is not None:
+                    if self._repatriate(key, got[0]):
+                        done += 1
+                    break
+        return done
+
+    # ------------------------------------------------------- node failure
+    def node_lost(self, node: int, restarted: bool) -> None:
+        """A peer went down or restarted: its copies no longer count."""
+        box = self.outbox.get(node)
+        if restarted and box is not None:
+            del self.outbox[node]  # its memory is empty: nothing to flush there
+        for key, entry in list(self.remote.items()):
+            if node not in entry.nodes:
+                continue
+            entry.nodes.remove(node)
+            if not restarted:
+                # If it comes back with the same memory, free what it still holds.
+                self.outbox.setdefault(node, _PeerOutbox()).flush_pages[key] = None
+            if entry.nodes:
+                if entry.persistent:
+                    self.under[key] = None
+                continue
+            del self.remote[key]
+            self.under.pop(key, None)
+            if entry.persistent:
+                self.c.remote_pers_pages -= 1
+                self.c.pers_pages_lost += 1
+                log.error("persistent page %r lost: no copy survives", key)
+            else:
+                self.c.remote_eph_pages -= 1
+                self.c.eph_pages_lost += 1
+        if restarted:
+            self.drop_foreign(node)
+
+    async def rereplicate(self, limit: int | None = None) -> int:
+        """Bring under-replicated persistent pages back to ``replicas`` copies."""
+        limit = self.batch if limit is None else limit
+        if not self.under:
+            return 0
+        done = 0
+        async with self.send_lock:
+            await self.drain_flushes()
+            live = self.live_peers()
+            for key in list(self.under)[:limit]:
+                entry = self.remote.get(key)
+                if entry is None or len(entry.nodes) >= self.replicas:
+                    self.under.pop(key, None)
+                    continue
+                sources = [n for n in entry.nodes if n in live]
+                targets = self.policy.choose(
+                    live,
+                    self.replicas - len(entry.nodes),
+                    exclude={self.node_number, *entry.nodes},
+                )
+                if not sources or not targets:
+                    continue
+                page = None
+                for src in sources:
+                    try:
+                        got = await self.peers.get_pages(src, [key], False)
+                    except PeerError:
+                        continue
+                    if got and got[0] is not None:
+                        page = got[0]
+                        break
+                if page is None or self.remote.get(key) is not entry:
+                    continue
+                for t in targets:
+                    try:
+                        st = await self.peers.put_pages(t, True, [(key, page)])
+                    except PeerError:
+                        continue
+                    if self.remote.get(key) is not entry:
+                        self.outbox.setdefault(t, _PeerOutbox()).flush_pages[key] = None
+                        break
+                    if st and st[0] == PutStatus.STORED:
+                        entry.nodes.append(t)
+                        self.c.pers_pages_rereplicated += 1
+                if len(entry.nodes) >= self.replicas:
+                    self.under.pop(key, None)
+                    done += 1
+        return done
+
+    # ------------------------------------------------------ foreign pages
+    def _foreign_pool(self, client: int, pool_id: int, persistent: bool) -> bool:
+        have = self.foreign.get((client, pool_id))
+        if have is None:
+            try:
+                self.zc.new_pool(persistent=persistent, client=client, pool_id=pool_id)
+            except TmemError:
+                return False
+            self.foreign[(client, pool_id)] = persistent
+            return True
+        return have is persistent
+
+    def _count_foreign(self, persistent: bool, delta: int) -> None:
+        c = self.c
+        if persistent:
+            c.foreign_pers_pages += delta
+            c.foreign_pers_pages_max = max(c.foreign_pers_pages_max, c.foreign_pers_pages)
+        else:
+            c.foreign_eph_pages += delta
+            c.foreign_eph_pages_max = max(c.foreign_eph_pages_max, c.foreign_eph_pages)
+
+    def store_foreign(
+        self, client: int, persistent: bool, items: Iterable[tuple[Key, bytes]]
+    ) -> list[int]:
+        """A peer's remote put: store within our budget, keep our own reserve."""
+        out: list[int] = []
+        for (pool_id, oid, index), page in items:
+            if client == LOCAL_CLIENT or len(page) != PAGE_SIZE:
+                out.append(PutStatus.BAD)
+                continue
+            if not self._foreign_pool(client, pool_id, persistent):
+                out.append(PutStatus.BAD)
+                continue
+            try:
+                if self.zc.flush_page(pool_id, oid, index, client=client):
+                    self._count_foreign(persistent, -1)
+                if self.zc.frames_free <= self.low_frames:
+                    self.c.foreign_puts_refused += 1
+                    out.append(PutStatus.FULL)
+                    continue
+                st = self.zc.put_status(pool_id, oid, index, page, client=client)
+            except TmemError:
+                out.append(PutStatus.BAD)
+                continue
+            if st is PutResult.STORED:
+                self._count_foreign(persistent, 1)
+                out.append(PutStatus.STORED)
+            elif st is PutResult.NO_MEMORY:
+                self.c.foreign_puts_refused += 1
+                out.append(PutStatus.FULL)
+            else:
+                out.append(PutStatus.POOR)
+        return out
+
+    def get_foreign(self, client: int, keys: Iterable[Key], free: bool) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for pool_id, oid, index in keys:
+            persistent = self.foreign.get((client, pool_id))
+            if persistent is None:
+                out.append(None)
+                continue
+            try:
+                page = self.zc.get(pool_id, oid, index, free=free, client=client)
+            except TmemError:
+                page = None
+            if page is not None and free:
+                self._count_foreign(persistent, -1)
+            out.append(page)
+        return out
+
+    def flush_foreign(self, client: int, keys: Iterable[Key]) -> int:
+        n = 0
+        for pool_id, oid, index in keys:
+            persistent = self.foreign.get((client, pool_id))
+            if persistent is None:
+                continue
+            try:
+                if self.zc.flush_page(pool_id, oid, index, client=client):
+                    self._count_foreign(persistent, -1)
+                    n += 1
+            except TmemError:
+                continue
+        return n
+
+    def flush_foreign_objects(self, client: int, objs: Iterable[tuple[int, Oid]]) -> int:
+        n = 0
+        for pool_id, oid in objs:
+            persistent = self.foreign.get((client, pool_id))
+            if persistent is None:
+                continue
+            try:
+                k = self.zc.flush_object(pool_id, oid, client=client)
+            except TmemError:
+                continue
+            self._count_foreign(persistent, -k)
+            n += k
+        return n
+
+    def destroy_foreign_pools(self, client: int, pools: Iterable[int]) -> int:
+        n = 0
+        for pool_id in pools:
+            persistent = self.foreign.pop((client, pool_id), None)
+            if persistent is None:
+                continue
+            k = self.zc.destroy_pool(pool_id, client=client)
+            self._count_foreign(persistent, -k)
+            n += k
+        return n
+
+    def drop_foreign(self, client: int) -> int:
+        """A peer restarted: the pages it gave us belong to a dead incarnation."""
+        return self.destroy_foreign_pools(
+            client, [p for (c, p) in list(self.foreign) if c == client]
+        )
+
+    def stats(self) -> dict[str, int | float]:
+        s: dict[str, int | float] = {k: getattr(self.c, k) for k in Counters.__dataclass_fields__}
+        s["pers_pages_under_replicated"] = len(self.under)
+        s["local_pages_tracked"] = len(self.lru)
+        s["flushes_queued"] = sum(
+            len(b.flush_pages) + len(b.flush_objects) for b in self.outbox.values()
+        )
+        return s
