@@ -36,8 +36,14 @@ def write_cluster(
     for i, host in enumerate(hosts, start=1):
         port = free_port(host)
         nodes[f"n{i}"] = (host, port)
-        lines += ["", "[[node]]", f'name = "n{i}"', f"number = {i}", f'host = "{host}"',
-                  f"port = {port}"]
+        lines += [
+            "",
+            "[[node]]",
+            f'name = "n{i}"',
+            f"number = {i}",
+            f'host = "{host}"',
+            f"port = {port}",
+        ]
     path.write_text("\n".join(lines) + "\n")
     return nodes
 
@@ -56,10 +62,25 @@ class NodeProc:
         with contextlib_suppress():
             self.control.unlink()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tmem", "cluster", "serve", "--cluster",
-             str(cluster or self.cluster), "--node", self.name, "--memory", self.memory,
-             "--control", str(self.control), "-v"],
-            env=env, stdout=subprocess.DEVNULL, stderr=self.log.open("ab"),
+            [
+                sys.executable,
+                "-m",
+                "tmem",
+                "cluster",
+                "serve",
+                "--cluster",
+                str(cluster or self.cluster),
+                "--node",
+                self.name,
+                "--memory",
+                self.memory,
+                "--control",
+                str(self.control),
+                "-v",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("ab"),
         )
         deadline = time.monotonic() + 20
         while not self.control.exists():

@@ -166,6 +166,7 @@ class PageEngine:
         self.remote: dict[Key, RemoteEntry] = {}
         self.under: dict[Key, None] = {}  # persistent entries with < replicas copies
         self.gen = 0
+        self.peer_errors = 0  # failed sends; a change means the live set may differ
         self.outbox: dict[int, _PeerOutbox] = {}
         self.send_lock = asyncio.Lock()
         # foreign pools: (client, pool_id) -> persistent
@@ -221,6 +222,7 @@ class PageEngine:
         self._forget_remote(key)
         self.lru.pop(key, None)
         held = False
+        retries = 0
         while True:
             status = self.zc.put_status(pool_id, oid, index, page)
             if status is PutResult.STORED:
@@ -231,8 +233,15 @@ class PageEngine:
             if not held:
                 held = True
                 self.c.writes_held += 1
+            errors = self.peer_errors
             moved = await self.remotify_once(self.batch)
             if moved == 0:
+                if self.peer_errors != errors and retries < 5:
+                    # A peer failed mid-send (e.g. just died): the live set changed,
+                    # try again with the peers that are left.
+                    retries += 1
+                    await asyncio.sleep(0.01 * retries)
+                    continue
                 self.c.writes_failed_nomem += 1
                 return False
 
@@ -426,9 +435,15 @@ class PageEngine:
             return moved
 
     async def _send_group(self, group: list[tuple[Key, int, bool, bytes]], persistent: bool) -> int:
+        live = self.live_peers()
+        live.pop(self.node_number, None)
         want = self.replicas if persistent else 1
-        targets = self.policy.choose(self.live_peers(), want, exclude=(self.node_number,))
-        if not targets:
+        # A persistent page needs ``replicas`` copies on live peers.  Only when peers
+        # are down (not merely full) do we accept fewer: the missing copies are then
+        # re-made when nodes return, and a single death still loses nothing.
+        required = min(want, len(live))
+        targets = self.policy.choose(live, want, exclude=(self.node_number,))
+        if not targets or len(targets) < required:
             if persistent:
                 self.c.pers_pages_remote_failed += len(group)
             else:
@@ -444,6 +459,7 @@ class PageEngine:
             if isinstance(res, BaseException):
                 if not isinstance(res, PeerError):
                     raise res
+                self.peer_errors += 1
                 continue
             for i, st in enumerate(res[: len(group)]):
                 if st == PutStatus.STORED:
@@ -456,7 +472,9 @@ class PageEngine:
                 for node in nodes:
                     self.outbox.setdefault(node, _PeerOutbox()).flush_pages[key] = None
                 continue
-            if not nodes:
+            if not nodes or len(nodes) < required:
+                for node in nodes:  # too few copies to be safe: undo the partial ones
+                    self.outbox.setdefault(node, _PeerOutbox()).flush_pages[key] = None
                 if persistent:
                     self.c.pers_pages_remote_failed += 1
                 else:
