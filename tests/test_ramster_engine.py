@@ -1,0 +1,230 @@
+"""PageEngine logic with in-process peers (the unit-test stand-in for the transport)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from tmem.ramster.policy import LeastLoaded
+from tmem.ramster.remotify import Key, PageEngine, PeerError, PutStatus
+from tmem.zcache import Oid, Zcache
+
+OID: Oid = (1, 2, 3)
+
+
+class Fabric:
+    """Routes PeerClient calls between engines; nodes can be taken down."""
+
+    def __init__(self) -> None:
+        self.engines: dict[int, PageEngine] = {}
+        self.down: set[int] = set()
+        self.gate: asyncio.Event | None = None
+        self.log: list[tuple[str, int, int, object]] = []
+
+    def peer(self, me: int) -> FakePeers:
+        return FakePeers(self, me)
+
+    def live(self, me: int) -> dict[int, int]:
+        return {n: e.room() for n, e in self.engines.items() if n != me and n not in self.down}
+
+
+class FakePeers:
+    def __init__(self, fabric: Fabric, me: int) -> None:
+        self.f, self.me = fabric, me
+
+    def _check(self, node: int) -> PageEngine:
+        if node in self.f.down:
+            raise PeerError(f"node {node} down")
+        return self.f.engines[node]
+
+    async def put_pages(
+        self, node: int, persistent: bool, items: list[tuple[Key, bytes]]
+    ) -> list[int]:
+        eng = self._check(node)
+        if self.f.gate is not None:
+            await self.f.gate.wait()
+        self.f.log += [("put", self.me, node, k) for k, _ in items]
+        return eng.store_foreign(self.me, persistent, items)
+
+    async def get_pages(self, node: int, keys: list[Key], free: bool) -> list[bytes | None]:
+        return self._check(node).get_foreign(self.me, keys, free)
+
+    async def flush_pages(self, node: int, keys: list[Key]) -> None:
+        self.f.log += [("flush", self.me, node, k) for k in keys]
+        self._check(node).flush_foreign(self.me, keys)
+
+    async def flush_objects(self, node: int, objs: list[tuple[int, Oid]]) -> None:
+        self._check(node).flush_foreign_objects(self.me, objs)
+
+    async def destroy_pools(self, node: int, pools: list[int]) -> None:
+        self._check(node).destroy_foreign_pools(self.me, pools)
+
+
+def make(fabric: Fabric, n: int, memory: str, replicas: int = 2) -> PageEngine:
+    eng = PageEngine(
+        Zcache(memory),
+        node_number=n,
+        peers=fabric.peer(n),
+        policy=LeastLoaded(),
+        live_peers=lambda: fabric.live(n),
+        replicas=replicas,
+        batch=32,
+    )
+    fabric.engines[n] = eng
+    return eng
+
+
+def pages(n: int, seed: int = 0) -> list[bytes]:
+    rng = random.Random(seed)
+    return [rng.randbytes(2048) + bytes(2048) for _ in range(n)]
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_full_node_holds_writes_and_remotifies_to_two_replicas() -> None:
+    async def main() -> None:
+        f = Fabric()
+        a, b, c = make(f, 1, "256KiB"), make(f, 2, "4MiB"), make(f, 3, "4MiB")
+        pool = a.new_pool(persistent=True)
+        ps = pages(300)
+        for i, p in enumerate(ps):
+            assert await a.put(pool, OID, i, p)
+        assert a.c.writes_held > 0 and a.c.pers_pages_remoted > 0
+        assert b.c.foreign_pers_pages == c.c.foreign_pers_pages == a.c.remote_pers_pages
+        for i, p in enumerate(ps):
+            assert await a.get(pool, OID, i) == p
+        assert a.c.remote_pers_pages_succ_get > 0
+
+    run(main())
+
+
+def test_flush_is_never_overtaken_by_a_later_put_of_the_same_handle() -> None:
+    async def main() -> None:
+        f = Fabric()
+        a, b = make(f, 1, "1MiB", replicas=1), make(f, 2, "4MiB", replicas=1)
+        pool = a.new_pool(persistent=True)
+        old, new = pages(2, seed=5)
+        assert await a.put(pool, OID, 0, old)
+        assert await a.remotify_once() == 1
+        assert b.get_foreign(1, [(pool, OID, 0)], False) == [old]
+        assert a.flush_page(pool, OID, 0)  # queued, not yet sent
+        assert await a.put(pool, OID, 0, new)
+        assert await a.remotify_once() == 1  # drains the flush first, then puts
+        ops = [(op, k) for op, _me, _n, k in f.log if k == (pool, OID, 0)]
+        assert ops == [("put", (pool, OID, 0)), ("flush", (pool, OID, 0)), ("put", (pool, OID, 0))]
+        assert b.get_foreign(1, [(pool, OID, 0)], False) == [new]
+        assert await a.get(pool, OID, 0) == new
+
+    run(main())
+
+
+def test_put_during_inflight_remotify_wins_and_stale_copy_is_flushed() -> None:
+    async def main() -> None:
+        f = Fabric()
+        a, b = make(f, 1, "1MiB", replicas=1), make(f, 2, "4MiB", replicas=1)
+        pool = a.new_pool(persistent=True)
+        old, new = pages(2, seed=6)
+        assert await a.put(pool, OID, 0, old)
+        f.gate = asyncio.Event()
+        task = asyncio.create_task(a.remotify_once())
+        await asyncio.sleep(0)
+        assert await a.put(pool, OID, 0, new)  # rewritten while in flight
+        f.gate.set()
+        assert await task == 0
+        assert a.c.stale_remotify_discarded == 1
+        assert await a.get(pool, OID, 0) == new
+        await a.drain_flushes()
+        assert b.get_foreign(1, [(pool, OID, 0)], False) == [None]
+        assert b.c.foreign_pers_pages == 0
+
+    run(main())
+
+
+def test_node_death_rereplicates_and_loses_nothing() -> None:
+    async def main() -> None:
+        f = Fabric()
+        a = make(f, 1, "256KiB")
+        peers = [make(f, n, "4MiB") for n in (2, 3, 4)]
+        pool = a.new_pool(persistent=True)
+        ps = pages(200, seed=7)
+        for i, p in enumerate(ps):
+            assert await a.put(pool, OID, i, p)
+        remote = a.c.remote_pers_pages
+        assert remote > 0
+        victim = max(peers, key=lambda e: e.c.foreign_pers_pages).node_number
+        f.down.add(victim)
+        a.node_lost(victim, restarted=False)
+        assert len(a.under) > 0
+        while a.under:
+            assert await a.rereplicate() > 0
+        assert a.c.pers_pages_lost == 0
+        assert all(len(e.nodes) == 2 and victim not in e.nodes for e in a.remote.values())
+        for i, p in enumerate(ps):
+            assert await a.get(pool, OID, i) == p
+
+    run(main())
+
+
+def test_full_receiver_refuses_and_sender_keeps_the_page() -> None:
+    async def main() -> None:
+        f = Fabric()
+        a, b = make(f, 1, "64KiB", replicas=1), make(f, 2, "64KiB", replicas=1)
+        pool = a.new_pool(persistent=True)
+        ps = pages(64, seed=8)
+        stored = [await a.put(pool, OID, i, p) for i, p in enumerate(ps)]
+        assert not all(stored)  # both nodes full: the write is refused, not lost
+        assert b.c.foreign_puts_refused > 0 or a.c.pers_pages_remote_failed > 0
+        for i, p in enumerate(ps):
+            assert await a.get(pool, OID, i) == (p if stored[i] else None)
+
+    run(main())
+
+
+def test_ephemeral_remote_page_of_a_dead_node_is_a_miss() -> None:
+    async def main() -> None:
+        f = Fabric()
+        a, _b = make(f, 1, "1MiB", replicas=1), make(f, 2, "4MiB", replicas=1)
+        pool = a.new_pool(persistent=False)
+        p = pages(1, seed=9)[0]
+        assert await a.put(pool, OID, 0, p)
+        assert await a.remotify_once() == 1
+        assert a.c.eph_pages_remoted == 1
+        f.down.add(2)
+        a.node_lost(2, restarted=False)
+        assert await a.get(pool, OID, 0) is None
+        assert a.c.eph_pages_lost == 1 and a.c.pers_pages_lost == 0
+
+    run(main())
+
+
+def test_foreign_requests_for_missing_pools_change_nothing() -> None:
+    f = Fabric()
+    b = make(f, 2, "1MiB")
+    p = pages(1)[0]
+    assert b.get_foreign(1, [(3, OID, 0)], False) == [None]
+    assert b.flush_foreign(1, [(3, OID, 0)]) == 0
+    assert b.flush_foreign_objects(1, [(3, OID)]) == 0
+    assert b.destroy_foreign_pools(1, [3]) == 0
+    assert b.store_foreign(1, True, [((3, OID, 0), p)]) == [PutStatus.STORED]
+    # Same pool id claimed as ephemeral: refused, the stored page is untouched.
+    assert b.store_foreign(1, False, [((3, OID, 0), p[::-1])]) == [PutStatus.BAD]
+    assert b.store_foreign(1, True, [((3, OID, 1), b"short")]) == [PutStatus.BAD]
+    assert b.get_foreign(1, [(3, OID, 0)], False) == [p]
+    assert b.c.foreign_pers_pages == 1
+    assert b.get_foreign(9, [(3, OID, 0)], False) == [None]  # other client: no access
+    assert b.drop_foreign(1) == 1 and b.c.foreign_pers_pages == 0
+
+
+def test_unknown_local_pool_is_a_clear_error() -> None:
+    f = Fabric()
+    a = make(f, 1, "1MiB")
+    from tmem.errors import UnknownPoolError
+
+    with pytest.raises(UnknownPoolError):
+        run(a.put(5, OID, 0, bytes(4096)))
+    with pytest.raises(UnknownPoolError):
+        a.flush_page(5, OID, 0)
