@@ -82,6 +82,7 @@ def test_success_then_data_flows_both_ways() -> None:
     assert ea == [Authenticated(1, "n1", "lz4")]
     assert eb == [Authenticated(2, "n2", "lz4")]
     assert a.authenticated and b.authenticated
+    assert a.peer == Authenticated(1, "n1", "lz4") and b.peer == Authenticated(2, "n2", "lz4")
     b.receive_data(a.send(Put(key=KEY, data=b"page", cookie=9)))
     (put,) = drain(b)
     assert isinstance(put, Put) and bytes(put.data) == b"page" and put.cookie == 9
