@@ -15,8 +15,10 @@ CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 def _generated_pages(n: int, seed: int) -> list[bytes]:
     """Pages with realistic compressibility: text-like runs plus random noise."""
     rng = random.Random(seed)
-    words = [bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
-             for _ in range(300)]
+    words = [
+        bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+        for _ in range(300)
+    ]
     pages = []
     for _ in range(n):
         noise = rng.random()

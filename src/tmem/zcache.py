@@ -1,13 +1,32 @@
-"""zcache: the compressed page store behind the tmem API.
+"""zcache: compression, the RAM budget and reclaim, behind the tmem API.
 
-TEMPORARY REFERENCE IMPLEMENTATION (dict based) so that other layers can be built
-and tested against the final public API while the zbud-backed engine lands.
-The public surface below is the contract; internals will change.
+zcache is the backend (the "PAM") for the tmem core (:mod:`tmem.tmem_core`) and the
+owner of every pageframe: one preallocated arena of ``memory // 4096`` frames that
+is never exceeded. zbud (:mod:`tmem.zbud`) packs compressed pages into the frames zcache
+hands it. The put path (kernel-zcache2.md section 4.3, with the RFC's fixes):
+
+1. compress; a same-filled page (all bytes one 8-byte pattern, e.g. zero) gets a pampd
+   with no storage; a page over the class threshold is rejected (ephemeral > 4000 B,
+   persistent > 3584 B, or > 2560 B while the persistent mean is > 2560 B), or with
+   ``huge_pages=True`` a persistent one is kept raw in a whole frame;
+2. place into a partial frame with room (never fail while one fits), else a free frame,
+   else **ouroboros**: evict the LRU ephemeral frame (flushing its tmem entries) and
+   reuse it, so persistent data outranks cache data; else, for a persistent put with a
+   ``writeback`` target, zombify the LRU persistent frame, write its pages back and reuse
+   it; else the put fails;
+3. map the handle to the new pampd; an older copy under the handle is freed. A put that
+   fails also flushes any older copy: a stale page must never be returned.
+
+The hot paths (:meth:`Zcache.put_status`, :meth:`Zcache.get`) are written flat on
+purpose: puts per second is a feature, and every Python call costs.
 """
 
 from __future__ import annotations
 
 import enum
+import mmap
+import sys
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -17,17 +36,38 @@ from tmem.errors import (
     ConfigError,
     InvalidHandleError,
     PageSizeError,
-    PoolLimitError,
     RemotePageError,
+    TmemError,
     UnknownPoolError,
 )
 from tmem.sizes import parse_size
+from tmem.tmem_core import (
+    LOCAL_CLIENT,
+    U32_MAX,
+    Oid,
+    Pampd,
+    Pool,
+    Tmem,
+    check_index,
+    check_oid,
+)
+from tmem.zbud import CHUNK_SIZE, EPH, F_HUGE, HANDLE_SIZE, MAX_BUDDY_SIZE, PERS, Zbud
 
-Oid = tuple[int, int, int]
-LOCAL_CLIENT = 0xFFFF
-MAX_POOLS_PER_CLIENT = 16
-_U64 = (1 << 64) - 1
-_U32 = (1 << 32) - 1
+__all__ = [
+    "LOCAL_CLIENT",
+    "Oid",
+    "PutResult",
+    "RemoteHooks",
+    "WritebackTarget",
+    "Zcache",
+    "ZombiePage",
+]
+
+EPH_MAX_ZSIZE = MAX_BUDDY_SIZE  # 4000
+PERS_MAX_ZSIZE = PAGE_SIZE * 7 // 8  # 3584
+PERS_MAX_MEAN_ZSIZE = PAGE_SIZE * 5 // 8  # 2560
+SAME_FILLED_PROBE = 64  # only pages compressing to <= this many bytes can be same-filled
+_ZERO_PAGE = bytes(PAGE_SIZE)
 
 
 class PutResult(enum.IntEnum):
@@ -35,16 +75,17 @@ class PutResult(enum.IntEnum):
 
     STORED = 0
     POOR_COMPRESSION = 1  # compressed size over the class threshold (compress_poor)
-    NO_MEMORY = 2  # budget full and nothing evictable
+    NO_MEMORY = 2  # budget full and nothing could be reclaimed
 
 
 @dataclass(frozen=True, slots=True)
 class ZombiePage:
     """A page handed out by :meth:`Zcache.zombify_lru` for writeback or remotify.
 
-    ``data`` is the stored form: compressed with the Zcache's compressor, or the
-    raw page when ``compressed`` is False (huge pages, same-filled pages).
-    The page stays readable in tmem until the caller flushes or replaces it.
+    ``data`` is the stored form: compressed with the Zcache's compressor, or the raw
+    page when ``compressed`` is False (huge pages). The page stays readable in tmem
+    until the caller drops it (:meth:`Zcache.replace`, a flush) or gives the frame back
+    (:meth:`Zcache.unzombify`).
     """
 
     client: int
@@ -53,25 +94,36 @@ class ZombiePage:
     index: int
     data: bytes
     compressed: bool
+    pampd: int
+    persistent: bool
 
 
 class WritebackTarget(Protocol):
     """Where LRU persistent pages go when RAM is full (the seed's nice-to-have A)."""
 
     def write_back(self, pool_id: int, oid: Oid, index: int, page: bytes) -> bool:
-        """Store ``page`` durably elsewhere; True means zcache may drop its copy."""
+        """Store ``page`` elsewhere; True means zcache may drop its copy."""
         ...
 
 
 class RemoteHooks(Protocol):
-    """Called when tmem drops a non-local (remote) pampd, so the owner can flush it."""
+    """Told when tmem drops a non-local (remote) pampd, so its owner can flush it."""
 
-    def on_free(self, client: int, pool_id: int, oid: Oid | None, index: int, pampd: object) -> None:
-        ...
+    def on_free(
+        self, client: int, pool_id: int, oid: Oid | None, index: int, pampd: object
+    ) -> None: ...
 
 
 class Zcache:
-    """Compressed page store with a hard RAM budget (see module docstring)."""
+    """A compressed page store with a hard RAM budget.
+
+    >>> zc = Zcache(memory="1MiB")
+    >>> pool = zc.new_pool(persistent=True)
+    >>> zc.put(pool, (1, 2, 3), 7, b"x" * 4096)
+    True
+    >>> zc.get(pool, (1, 2, 3), 7) == b"x" * 4096
+    True
+    """
 
     page_size = PAGE_SIZE
 
@@ -82,22 +134,63 @@ class Zcache:
         *,
         huge_pages: bool = False,
         writeback: WritebackTarget | None = None,
+        prefault: bool = True,
     ) -> None:
         nbytes = parse_size(memory)
         if nbytes < PAGE_SIZE:
-            raise ConfigError(f"memory budget must be at least one page, got {nbytes}")
+            raise ConfigError(f"memory budget must be at least one page (4096 B), got {nbytes}")
         self.compressor: Compressor = get_compressor(compressor)
+        self._compress = self.compressor.compress
+        self._decompress = self.compressor.decompress
         self.frames_total = nbytes // PAGE_SIZE
         self.huge_pages = huge_pages
         self.writeback = writeback
         self.remote_hooks: RemoteHooks | None = None
-        self._pools: dict[tuple[int, int], dict[Oid, dict[int, bytes]]] = {}
-        self._persistent: dict[tuple[int, int], bool] = {}
-        self._used = 0
+        # The arena: one anonymous mapping holding the whole budget. Prefaulted by
+        # default (the budget is reserved up front, and a first touch of a frame in the
+        # put path would cost a page fault); prefault=False commits frames lazily.
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        if prefault:
+            flags |= getattr(mmap, "MAP_POPULATE", 0)
+        self._mm = mmap.mmap(-1, self.frames_total * PAGE_SIZE, flags=flags)
+        self.zbud = Zbud(self._mm, self.frames_total)  # type: ignore[arg-type]
+        self.tmem = Tmem(self)
+        self._local = self.tmem.local_by_id
+        self._free_frames = array("i")
+        self._next_unused = 0
+        self._zombie_seq = 0
+        # counters (kernel names where they exist; see stats())
+        self.same_filled = [0, 0]  # per class, pages stored as a pattern (no frame)
+        self.zero_filled_pages = 0
+        self.zero_filled_pages_max = 0
+        self.same_filled_pages_total = 0
+        self.remote_pages = [0, 0]
+        self.flush_total = 0
+        self.flush_found = 0
+        self.flobj_total = 0
+        self.flobj_found = 0
+        self.failed_eph_puts = 0
+        self.failed_pers_puts = 0
+        self.failed_getfreepages = 0
+        self.compress_poor = 0
+        self.mean_compress_poor = 0
+        self.eph_ate_tail = 0
+        self.eph_ate_tail_failed = 0
+        self.pers_ate_eph = 0
+        self.pers_ate_eph_failed = 0
+        self.evicted_eph_zpages = 0
+        self.evicted_eph_pageframes = 0
+        self.huge_pages_stored = 0
+        self.writtenback_pages = 0
+        self.writeback_failed = 0
+        self.pageframes_alloced = 0
+        self.pageframes_freed = 0
+        self.succ_gets = 0
+        self.failed_gets = 0
+        self.pers_get_failures = 0
+        self._why = PutResult.STORED  # why the last failed put failed (see put_status)
 
-    @property
-    def frames_free(self) -> int:
-        return self.frames_total - (self._used + PAGE_SIZE - 1) // PAGE_SIZE
+    # ---- pools -----------------------------------------------------------------------
 
     def new_pool(
         self,
@@ -108,104 +201,698 @@ class Zcache:
         client: int = LOCAL_CLIENT,
         pool_id: int | None = None,
     ) -> int:
-        ids = [pid for (c, pid) in self._pools if c == client]
-        if pool_id is None:
-            free = [i for i in range(MAX_POOLS_PER_CLIENT) if i not in ids]
-            if not free:
-                raise PoolLimitError("no free pool slot")
-            pool_id = free[0]
-        self._pools[(client, pool_id)] = {}
-        self._persistent[(client, pool_id)] = persistent
-        return pool_id
+        """Create a pool and return its id (0..15 per client).
 
-    def _pool(self, pool_id: int, client: int) -> dict[Oid, dict[int, bytes]]:
-        try:
-            return self._pools[(client, pool_id)]
-        except (KeyError, TypeError):
-            raise UnknownPoolError(f"no pool {pool_id!r}") from None
+        ``shared=True`` with a 16-byte ``uuid``: every caller naming the same uuid gets
+        the same pool (cleancache ``init_shared_fs``); it is destroyed by its last user.
+        """
+        return self.tmem.new_pool(bool(persistent), bool(shared), uuid, client, pool_id).pool_id
 
-    @staticmethod
-    def _check(oid: Oid, index: int) -> None:
-        if not (isinstance(oid, tuple) and len(oid) == 3 and all(
-            isinstance(w, int) and 0 <= w <= _U64 for w in oid)):
-            raise InvalidHandleError(f"bad oid {oid!r}")
-        if not (isinstance(index, int) and 0 <= index <= _U32):
-            raise InvalidHandleError(f"bad index {index!r}")
+    def _pool(self, pool_id: int, client: int) -> Pool:
+        pool = self._local.get(pool_id) if client == LOCAL_CLIENT else None
+        return pool if pool is not None else self.tmem.pool(pool_id, client)
 
     def is_persistent(self, pool_id: int, *, client: int = LOCAL_CLIENT) -> bool:
-        self._pool(pool_id, client)
-        return self._persistent[(client, pool_id)]
+        return self._pool(pool_id, client).persistent
 
-    def put_status(
-        self, pool_id: int, oid: Oid, index: int, page: bytes, *, client: int = LOCAL_CLIENT
-    ) -> PutResult:
-        pool = self._pool(pool_id, client)
-        self._check(oid, index)
-        if len(page) != PAGE_SIZE:
-            raise PageSizeError(f"page must be {PAGE_SIZE} bytes, got {len(page)}")
-        self.flush_page(pool_id, oid, index, client=client)
-        data = self.compressor.compress(bytes(page))
-        if len(data) > 3584:
-            return PutResult.POOR_COMPRESSION
-        if self._used + len(data) > self.frames_total * PAGE_SIZE:
-            return PutResult.NO_MEMORY
-        pool.setdefault(oid, {})[index] = data
-        self._used += len(data)
-        return PutResult.STORED
-
-    def put(self, pool_id: int, oid: Oid, index: int, page: bytes) -> bool:
-        return self.put_status(pool_id, oid, index, page) is PutResult.STORED
-
-    def put_many(self, pool_id: int, items: Iterable[tuple[Oid, int, bytes]]) -> list[bool]:
-        return [self.put(pool_id, oid, index, page) for oid, index, page in items]
-
-    def get(
-        self, pool_id: int, oid: Oid, index: int, free: bool | None = None, *,
-        client: int = LOCAL_CLIENT,
-    ) -> bytes | None:
-        pool = self._pool(pool_id, client)
-        self._check(oid, index)
-        obj = pool.get(oid)
-        if obj is None or index not in obj:
-            return None
-        if free is None:
-            free = not self._persistent[(client, pool_id)]
-        data = obj[index]
-        if free:
-            self.flush_page(pool_id, oid, index, client=client)
-        return self.compressor.decompress(data)
-
-    def flush_page(self, pool_id: int, oid: Oid, index: int, *, client: int = LOCAL_CLIENT) -> bool:
-        pool = self._pool(pool_id, client)
-        self._check(oid, index)
-        obj = pool.get(oid)
-        if obj is None or index not in obj:
+    def has_pool(self, pool_id: int, *, client: int = LOCAL_CLIENT) -> bool:
+        try:
+            self._pool(pool_id, client)
+        except UnknownPoolError:
             return False
-        self._used -= len(obj.pop(index))
-        if not obj:
-            del pool[oid]
         return True
 
-    def flush_object(self, pool_id: int, oid: Oid, *, client: int = LOCAL_CLIENT) -> int:
-        pool = self._pool(pool_id, client)
-        self._check(oid, 0)
-        obj = pool.pop(oid, {})
-        self._used -= sum(map(len, obj.values()))
-        return len(obj)
-
     def destroy_pool(self, pool_id: int, *, client: int = LOCAL_CLIENT) -> int:
+        """Flush every page of the pool and free its id; returns pages flushed."""
+        return self.tmem.destroy_pool(self._pool(pool_id, client))
+
+    def pool_pages(self, pool_id: int, *, client: int = LOCAL_CLIENT) -> int:
+        return self._pool(pool_id, client).page_count()
+
+    @property
+    def frames_free(self) -> int:
+        """Frames not holding data (never used or freed)."""
+        return len(self._free_frames) + self.frames_total - self._next_unused
+
+    @property
+    def frames_used(self) -> int:
+        return self.frames_total - self.frames_free
+
+    # ---- pamops ----------------------------------------------------------------------
+
+    def free(self, pool: Pool, oid: Oid | None, index: int, pampd: Pampd) -> None:
+        """tmem dropped ``pampd``: release its storage (PamOps.free)."""
+        if type(pampd) is int:
+            if pampd >= 0:
+                frame = self.zbud.free(pampd)
+                if frame >= 0:
+                    self._free_frames.append(frame)
+                    self.pageframes_freed += 1
+            else:
+                self.same_filled[pool.persistent] -= 1
+                if pampd == -1:
+                    self.zero_filled_pages -= 1
+        else:
+            self.remote_pages[pool.persistent] -= 1
+            if self.remote_hooks is not None:
+                self.remote_hooks.on_free(pool.client, pool.pool_id, oid, index, pampd)
+
+    # ---- frames ----------------------------------------------------------------------
+
+    def _take_frame(self, persistent: bool) -> int:
+        """A frame for a new zbud: free, never used, or reclaimed (ouroboros, writeback)."""
+        if self._free_frames:
+            frame = self._free_frames.pop()
+        elif self._next_unused < self.frames_total:
+            frame = self._next_unused
+            self._next_unused += 1
+        else:
+            self.failed_getfreepages += 1
+            frame = self._evict_eph()
+            if frame >= 0:
+                if persistent:
+                    self.pers_ate_eph += 1
+                else:
+                    self.eph_ate_tail += 1
+                self.pageframes_alloced += 1
+                return frame
+            if persistent:
+                self.pers_ate_eph_failed += 1
+                if self.writeback is not None:
+                    frame = self._writeback_one()
+                    if frame >= 0:
+                        self.pageframes_alloced += 1
+                        return frame
+            else:
+                self.eph_ate_tail_failed += 1
+            return -1
+        self.pageframes_alloced += 1
+        return frame
+
+    def _drop_handle(self, client: int, pool_id: int, oid: Oid, index: int, pampd: int) -> None:
+        """Remove the tmem entry for a zbud whose frame was reclaimed (no free)."""
+        pool = self.tmem.find_pool(pool_id, client)
+        if pool is None:
+            return
+        pages = pool.objects.get(oid)
+        if pages is not None and pages.get(index) == pampd:
+            del pages[index]
+            if not pages:
+                del pool.objects[oid]
+
+    def _evict_eph(self) -> int:
+        frame, entries = self.zbud.evict_lru(EPH)
+        if frame < 0:
+            return -1
+        for pampd, (o0, o1, o2, index, pool_id, client) in entries:
+            self._drop_handle(client, pool_id, (o0, o1, o2), index, pampd)
+        self.evicted_eph_zpages += len(entries)
+        self.evicted_eph_pageframes += 1
+        return frame
+
+    def evict_ephemeral(self, frames: int = 1) -> int:
+        """Evict up to ``frames`` LRU ephemeral frames back to the free pool (a shrinker)."""
+        done = 0
+        while done < frames:
+            frame = self._evict_eph()
+            if frame < 0:
+                break
+            self._free_frames.append(frame)
+            done += 1
+        return done
+
+    def _writeback_one(self) -> int:
+        """Write the LRU persistent frame's pages back; return the emptied frame or -1."""
+        assert self.writeback is not None
+        zbud = self.zbud
+        frame, entries = zbud.zombify_lru(PERS)
+        if frame < 0:
+            return -1
+        emptied = -1
+        for pampd, (o0, o1, o2, index, pool_id, client) in entries:
+            oid = (o0, o1, o2)
+            pool = self.tmem.find_pool(pool_id, client)
+            if pool is None or self.tmem.lookup(pool, oid, index) != pampd:
+                continue
+            page = self._read(pampd)
+            if self.writeback.write_back(pool_id, oid, index, page):
+                self.tmem.remove(pool, oid, index)
+                self.writtenback_pages += 1
+                f = zbud.free(pampd)
+                if f >= 0:
+                    emptied = f
+            else:
+                self.writeback_failed += 1
+        if emptied < 0:
+            zbud.unzombify(frame)
+        return emptied
+
+    def _read(self, pampd: int) -> bytes:
+        """The page behind a local pampd, decompressed."""
+        if pampd < 0:
+            return (-1 - pampd).to_bytes(8, "little") * (PAGE_SIZE // 8)
+        start, end = self.zbud.span(pampd)
+        raw = self._mm[start:end]
+        if self.zbud.flags[pampd >> 1] & F_HUGE:
+            return raw
+        return self._decompress(raw)
+
+    # ---- put -------------------------------------------------------------------------
+
+    def put(
+        self,
+        pool_id: int,
+        oid: Oid,
+        index: int,
+        page: bytes,
+        *,
+        client: int = LOCAL_CLIENT,
+    ) -> bool:
+        """Store a 4096-byte page under ``(pool, oid, index)``; False if not stored.
+
+        A page that was not stored leaves no older copy behind; :meth:`put_status` says
+        why. This is the hot path: it is flat on purpose.
+        """
+        pool = self._local.get(pool_id) if client == LOCAL_CLIENT else None
+        if pool is None:
+            pool = self.tmem.pool(pool_id, client)
+        try:
+            size = len(page)
+        except TypeError:
+            raise PageSizeError(
+                f"page must be a bytes-like object, got {type(page).__name__}"
+            ) from None
+        if size != PAGE_SIZE:
+            raise PageSizeError(f"page must be {PAGE_SIZE} bytes, got {size}")
+        objects = pool.objects
+        try:
+            pages = objects.get(oid)
+        except TypeError:
+            raise InvalidHandleError(f"oid must be a tuple of three ints, got {oid!r}") from None
+        if pages is None:
+            check_oid(oid)
+        if type(index) is not int or not 0 <= index <= U32_MAX:
+            check_index(index)
+        data = self._compress(page)
+        clen = len(data)
+        persistent = pool.persistent
+        if clen <= SAME_FILLED_PROBE:
+            head = bytes(page[:8])
+            if head * (PAGE_SIZE // 8) == page:
+                self._put_same_filled(pool, oid, index, head)
+                return True
+        if clen > PERS_MAX_MEAN_ZSIZE and self._rejects(persistent, clen):
+            if persistent and self.huge_pages:
+                return self._put_huge(pool, oid, index, bytes(page))
+            self._flush_quietly(pool, oid, index)
+            self._why = PutResult.POOR_COMPRESSION
+            return False
+        zbud = self.zbud
+        handle = (oid[0], oid[1], oid[2], index, pool.pool_id, pool.client)
+        pampd = zbud.match(persistent, handle, data, clen)
+        if pampd < 0:
+            if self._free_frames:
+                frame = self._free_frames.pop()
+                self.pageframes_alloced += 1
+            else:
+                frame = self._take_frame(persistent)
+                pages = objects.get(oid)  # reclaim may have flushed entries of this object
+            if frame < 0:
+                if persistent:
+                    self.failed_pers_puts += 1
+                else:
+                    self.failed_eph_puts += 1
+                self._flush_quietly(pool, oid, index)
+                self._why = PutResult.NO_MEMORY
+                return False
+            pampd = zbud.create(persistent, frame, handle, data)
+        if pages is None:
+            objects[oid] = {index: pampd}
+        else:
+            old = pages.get(index)
+            pages[index] = pampd
+            if old is not None:
+                self.free(pool, oid, index, old)
+        return True
+
+    def put_status(
+        self,
+        pool_id: int,
+        oid: Oid,
+        index: int,
+        page: bytes,
+        *,
+        client: int = LOCAL_CLIENT,
+    ) -> PutResult:
+        """Like :meth:`put`, but say why a page was not stored."""
+        if self.put(pool_id, oid, index, page, client=client):
+            return PutResult.STORED
+        return self._why
+
+    def _rejects(self, persistent: bool, clen: int) -> bool:
+        """Is a page of ``clen`` compressed bytes too poorly compressible (and count it)?"""
+        if clen > (PERS_MAX_ZSIZE if persistent else EPH_MAX_ZSIZE):
+            self.compress_poor += 1
+            return True
+        if persistent and self._pers_mean_too_high():
+            self.mean_compress_poor += 1
+            return True
+        return False
+
+    def _pers_mean_too_high(self) -> bool:
+        c = self.zbud.counters[PERS]
+        zpages = c.zpages + self.same_filled[PERS]
+        return zpages > 0 and c.zbytes > PERS_MAX_MEAN_ZSIZE * zpages
+
+    def _flush_quietly(self, pool: Pool, oid: Oid, index: int) -> None:
+        """Drop an older copy after a failed put (coherency: never return stale data)."""
+        pages = pool.objects.get(oid)
+        if pages is not None and index in pages:
+            self.tmem.flush_page(pool, oid, index)
+
+    def _put_same_filled(self, pool: Pool, oid: Oid, index: int, head: bytes) -> None:
+        pattern = int.from_bytes(head, "little")
+        self.tmem.put(pool, oid, index, -1 - pattern)
+        self.same_filled[pool.persistent] += 1
+        self.same_filled_pages_total += 1
+        if pattern == 0:
+            self.zero_filled_pages += 1
+            self.zero_filled_pages_max = max(self.zero_filled_pages_max, self.zero_filled_pages)
+
+    def _put_huge(self, pool: Pool, oid: Oid, index: int, page: bytes) -> bool:
+        frame = self._take_frame(True)
+        if frame < 0:
+            self.failed_pers_puts += 1
+            self._flush_quietly(pool, oid, index)
+            self._why = PutResult.NO_MEMORY
+            return False
+        handle = (oid[0], oid[1], oid[2], index, pool.pool_id, pool.client)
+        pampd = self.zbud.create_huge(PERS, frame, handle, page)
+        self.huge_pages_stored += 1
+        self.tmem.put(pool, oid, index, pampd)
+        return True
+
+    def put_many(self, pool_id: int, items: Iterable[tuple[Oid, int, bytes]]) -> list[bool]:
+        """Batch put: one result per ``(oid, index, page)``, in order."""
+        put = self.put
+        return [put(pool_id, oid, index, page) for oid, index, page in items]
+
+    # ---- get -------------------------------------------------------------------------
+
+    def get(
+        self,
+        pool_id: int,
+        oid: Oid,
+        index: int,
+        free: bool | None = None,
+        *,
+        client: int = LOCAL_CLIENT,
+    ) -> bytes | None:
+        """The page under the handle, or None.
+
+        Ephemeral pools: always exclusive (a hit removes the page). Persistent pools:
+        the page stays unless ``free=True``. A page living on another node raises
+        :class:`RemotePageError` (the cluster layer fetches it).
+        """
+        pool = self._local.get(pool_id) if client == LOCAL_CLIENT else None
+        if pool is None:
+            pool = self.tmem.pool(pool_id, client)
+        objects = pool.objects
+        try:
+            pages = objects.get(oid)
+        except TypeError:
+            raise InvalidHandleError(f"oid must be a tuple of three ints, got {oid!r}") from None
+        if pages is None:
+            check_oid(oid)
+            check_index(index)
+            self.failed_gets += 1
+            return None
+        pampd = pages.get(index)
+        if pampd is None:
+            check_index(index)
+            self.failed_gets += 1
+            return None
+        if type(pampd) is not int:
+            raise RemotePageError(pampd)
+        if pampd >= 0:
+            zbud = self.zbud
+            frame = pampd >> 1
+            if pampd & 1:
+                stored = zbud.size1[frame]
+                start = (frame + 1) * PAGE_SIZE - ((stored + CHUNK_SIZE - 1) & -CHUNK_SIZE)
+                raw = self._mm[start + HANDLE_SIZE : start + stored]
+            elif zbud.flags[frame] & F_HUGE:
+                raw = None
+            else:
+                start = frame * PAGE_SIZE
+                raw = self._mm[start + HANDLE_SIZE : start + zbud.size0[frame]]
+            if raw is None:
+                data = self._mm[frame * PAGE_SIZE : (frame + 1) * PAGE_SIZE]
+            else:
+                try:
+                    data = self._decompress(raw)
+                except Exception as exc:  # a corrupt page must never pass as data
+                    raise TmemError(f"stored page failed to decompress: {exc}") from exc
+        else:
+            data = (-1 - pampd).to_bytes(8, "little") * (PAGE_SIZE // 8)
+        if free or not pool.persistent:
+            del pages[index]
+            if not pages:
+                del objects[oid]
+            self.free(pool, oid, index, pampd)
+        self.succ_gets += 1
+        return data
+
+    def get_many(
+        self, pool_id: int, keys: Iterable[tuple[Oid, int]], free: bool | None = None
+    ) -> list[bytes | None]:
+        """Batch get: one page or None per ``(oid, index)``, in order."""
+        get = self.get
+        return [get(pool_id, oid, index, free) for oid, index in keys]
+
+    # ---- flush -----------------------------------------------------------------------
+
+    def flush_page(self, pool_id: int, oid: Oid, index: int, *, client: int = LOCAL_CLIENT) -> bool:
+        """Drop the page under the handle; True if there was one."""
         pool = self._pool(pool_id, client)
-        n = sum(len(o) for o in pool.values())
-        for oid in list(pool):
-            self.flush_object(pool_id, oid, client=client)
-        del self._pools[(client, pool_id)]
-        return n
+        check_oid(oid)
+        check_index(index)
+        self.flush_total += 1
+        if self.tmem.flush_page(pool, oid, index):
+            self.flush_found += 1
+            return True
+        return False
+
+    def flush_object(self, pool_id: int, oid: Oid, *, client: int = LOCAL_CLIENT) -> int:
+        """Drop every page of the object; returns how many there were."""
+        pool = self._pool(pool_id, client)
+        check_oid(oid)
+        self.flobj_total += 1
+        count = self.tmem.flush_object(pool, oid)
+        if count:
+            self.flobj_found += 1
+        return count
+
+    # ---- hooks for writeback and RAMster ---------------------------------------------
+
+    def lookup(
+        self, pool_id: int, oid: Oid, index: int, *, client: int = LOCAL_CLIENT
+    ) -> Pampd | None:
+        """The raw pampd under the handle (int = local, other = remote), or None."""
+        return self.tmem.lookup(self._pool(pool_id, client), check_oid(oid), check_index(index))
 
     def zombify_lru(self, persistent: bool) -> list[ZombiePage]:
-        return []
+        """Hand out the pages of the LRU frame of a class for writeback or remotify.
 
-    def lookup(self, pool_id: int, oid: Oid, index: int, *, client: int = LOCAL_CLIENT) -> object:
-        raise RemotePageError(None)
+        The frame leaves the LRU and the unbuddied lists, so nothing new lands in it; the
+        pages stay readable until replaced (:meth:`replace`) or flushed, and then the
+        frame returns to the free pool. :meth:`unzombify` undoes it. [] if none.
+        """
+        frame, entries = self.zbud.zombify_lru(PERS if persistent else EPH)
+        if frame < 0:
+            return []
+        huge = bool(self.zbud.flags[frame] & F_HUGE)
+        out = []
+        for pampd, (o0, o1, o2, index, pool_id, client) in entries:
+            start, end = self.zbud.span(pampd)
+            out.append(
+                ZombiePage(
+                    client,
+                    pool_id,
+                    (o0, o1, o2),
+                    index,
+                    self._mm[start:end],
+                    not huge,
+                    pampd,
+                    persistent,
+                )
+            )
+        return out
+
+    def unzombify(self, page: ZombiePage) -> None:
+        """Give a zombie frame back to the LRU (e.g. the peer refused the page)."""
+        frame = page.pampd >> 1
+        if self.zbud.is_zombie(frame) and (self.zbud.size0[frame] or self.zbud.size1[frame]):
+            self.zbud.unzombify(frame)
+
+    def replace(
+        self,
+        pool_id: int,
+        oid: Oid,
+        index: int,
+        pampd: Pampd,
+        *,
+        client: int = LOCAL_CLIENT,
+        expected: ZombiePage | None = None,
+    ) -> bool:
+        """Install a remote ``pampd`` for the handle (RAMster remotify).
+
+        With ``expected``, only if the handle still maps to that zombie page (a newer put
+        or a flush since the zombify wins). The local copy is freed.
+        """
+        if type(pampd) is int:
+            raise InvalidHandleError("replace installs remote (non-int) pampds only")
+        pool = self._pool(pool_id, client)
+
+        def still_current(current: Pampd) -> bool:
+            if expected is None:
+                return True
+            return current == expected.pampd and self.zbud.is_zombie(expected.pampd >> 1)
+
+        if self.tmem.replace(pool, check_oid(oid), check_index(index), pampd, still_current):
+            self.remote_pages[pool.persistent] += 1
+            return True
+        return False
+
+    def install_remote(
+        self, pool_id: int, oid: Oid, index: int, pampd: Pampd, *, client: int = LOCAL_CLIENT
+    ) -> None:
+        """Map a handle to a remote pampd directly (e.g. a re-replicated page)."""
+        if type(pampd) is int:
+            raise InvalidHandleError("install_remote takes remote (non-int) pampds only")
+        pool = self._pool(pool_id, client)
+        self.tmem.put(pool, check_oid(oid), check_index(index), pampd)
+        self.remote_pages[pool.persistent] += 1
+
+    def remove_entry(
+        self, pool_id: int, oid: Oid, index: int, *, client: int = LOCAL_CLIENT
+    ) -> Pampd | None:
+        """Unmap a handle and free its local storage, without calling remote hooks.
+
+        For the cluster layer, which handles the remote side of a remote pampd itself.
+        """
+        pool = self._pool(pool_id, client)
+        pampd = self.tmem.remove(pool, check_oid(oid), check_index(index))
+        if pampd is None:
+            return None
+        if type(pampd) is int:
+            self.free(pool, oid, index, pampd)
+        else:
+            self.remote_pages[pool.persistent] -= 1
+        return pampd
+
+    def put_compressed(
+        self,
+        pool_id: int,
+        oid: Oid,
+        index: int,
+        data: bytes,
+        *,
+        client: int = LOCAL_CLIENT,
+        compressed: bool = True,
+    ) -> PutResult:
+        """Store a page already compressed with this Zcache's compressor (raw put).
+
+        For foreign pages of a RAMster peer: no recompression. ``compressed=False``
+        with a 4096-byte ``data`` stores a raw page (a huge page, or a decompressed one).
+        """
+        if not compressed:
+            return self.put_status(pool_id, oid, index, data, client=client)
+        pool = self._pool(pool_id, client)
+        check_oid(oid)
+        check_index(index)
+        clen = len(data)
+        limit = PERS_MAX_ZSIZE if pool.persistent else EPH_MAX_ZSIZE
+        if clen > limit:
+            self.compress_poor += 1
+            self._flush_quietly(pool, oid, index)
+            return PutResult.POOR_COMPRESSION
+        cls = PERS if pool.persistent else EPH
+        handle = (oid[0], oid[1], oid[2], index, pool.pool_id, pool.client)
+        pampd = self.zbud.match(cls, handle, bytes(data))
+        if pampd < 0:
+            frame = self._take_frame(pool.persistent)
+            if frame < 0:
+                if pool.persistent:
+                    self.failed_pers_puts += 1
+                else:
+                    self.failed_eph_puts += 1
+                self._flush_quietly(pool, oid, index)
+                return PutResult.NO_MEMORY
+            pampd = self.zbud.create(cls, frame, handle, bytes(data))
+        self.tmem.put(pool, oid, index, pampd)
+        return PutResult.STORED
+
+    def get_compressed(
+        self,
+        pool_id: int,
+        oid: Oid,
+        index: int,
+        free: bool | None = None,
+        *,
+        client: int = LOCAL_CLIENT,
+    ) -> tuple[bytes, bool] | None:
+        """The stored form ``(data, compressed)`` of a local page, or None (raw get).
+
+        Same-filled pages come back decompressed (``compressed=False``).
+        """
+        pool = self._pool(pool_id, client)
+        pampd = self.tmem.lookup(pool, check_oid(oid), check_index(index))
+        if pampd is None:
+            return None
+        if type(pampd) is not int:
+            raise RemotePageError(pampd)
+        if pampd < 0:
+            out = (self._read(pampd), False)
+        else:
+            start, end = self.zbud.span(pampd)
+            out = (self._mm[start:end], not self.zbud.flags[pampd >> 1] & F_HUGE)
+        if free or (free is None and not pool.persistent):
+            self.tmem.remove(pool, oid, index)
+            self.free(pool, oid, index, pampd)
+        return out
+
+    def decompress(self, data: bytes) -> bytes:
+        """Decompress a stored page (e.g. one that came back from a peer)."""
+        return self._decompress(data)
+
+    # ---- stats -----------------------------------------------------------------------
+
+    def metadata_bytes(self) -> int:
+        """Bytes of bookkeeping outside the arena: zbud columns plus the tmem maps.
+
+        Counts the dicts, tuples and int objects Python allocates for the tmem maps
+        (small ints are cached by CPython and cost nothing).
+        """
+        total = self.zbud.metadata_bytes() + self._free_frames.buffer_info()[1] * 4
+        getsizeof = sys.getsizeof
+        for pool in self.tmem.pools():
+            total += getsizeof(pool.objects) + 200
+            for oid, pages in pool.objects.items():
+                total += getsizeof(pages) + getsizeof(oid)
+                total += sum(getsizeof(w) for w in oid if w > 256)
+                for index, pampd in pages.items():
+                    if index > 256:
+                        total += 28
+                    if type(pampd) is int:
+                        if pampd > 256 or pampd < -5:
+                            total += getsizeof(pampd)
+                    else:
+                        total += getsizeof(pampd)
+        return total
 
     def stats(self) -> dict[str, int | float]:
-        return {"frames_total": self.frames_total}
+        """Every zcache and zbud counter (kernel debugfs names) plus a zram-style summary."""
+        zb = self.zbud.counters
+        zb[EPH].note_max()
+        zb[PERS].note_max()
+        pools = self.tmem.pools()
+        obj_count = sum(len(p.objects) for p in pools)
+        objnode_count = 0
+        for pool in pools:
+            for pages in pool.objects.values():
+                objnode_count += _radix_nodes(pages)
+        eph_zpages = zb[EPH].zpages + self.same_filled[EPH]
+        pers_zpages = zb[PERS].zpages + self.same_filled[PERS]
+        out: dict[str, int | float] = {
+            # zcache (section 4.11)
+            "obj_count": obj_count,
+            "objnode_count": objnode_count,
+            "flush_total": self.flush_total,
+            "flush_found": self.flush_found,
+            "flobj_total": self.flobj_total,
+            "flobj_found": self.flobj_found,
+            "failed_eph_puts": self.failed_eph_puts,
+            "failed_pers_puts": self.failed_pers_puts,
+            "failed_getfreepages": self.failed_getfreepages,
+            "failed_alloc": 0,
+            "put_to_flush": 0,
+            "compress_poor": self.compress_poor,
+            "mean_compress_poor": self.mean_compress_poor,
+            "eph_ate_tail": self.eph_ate_tail,
+            "eph_ate_tail_failed": self.eph_ate_tail_failed,
+            "pers_ate_eph": self.pers_ate_eph,
+            "pers_ate_eph_failed": self.pers_ate_eph_failed,
+            "evicted_eph_zpages": self.evicted_eph_zpages,
+            "evicted_eph_pageframes": self.evicted_eph_pageframes,
+            "eph_pageframes": zb[EPH].pageframes,
+            "eph_pageframes_max": zb[EPH].pageframes_max,
+            "pers_pageframes": zb[PERS].pageframes,
+            "pers_pageframes_max": zb[PERS].pageframes_max,
+            "eph_zpages": eph_zpages,
+            "eph_zpages_max": zb[EPH].zpages_max,
+            "pers_zpages": pers_zpages,
+            "pers_zpages_max": zb[PERS].zpages_max,
+            "eph_zbytes": zb[EPH].zbytes,
+            "pers_zbytes": zb[PERS].zbytes,
+            "zero_filled_pages": self.zero_filled_pages,
+            "zero_filled_pages_max": self.zero_filled_pages_max,
+            "same_filled_pages": self.same_filled[EPH] + self.same_filled[PERS],
+            "huge_pages": self.huge_pages_stored,
+            "outstanding_writeback_pages": 0,
+            "writtenback_pages": self.writtenback_pages,
+            "writeback_failed": self.writeback_failed,
+            "pageframes_alloced": self.pageframes_alloced,
+            "pageframes_freed": self.pageframes_freed,
+            "succ_gets": self.succ_gets,
+            "failed_gets": self.failed_gets,
+            "remote_eph_pages": self.remote_pages[EPH],
+            "remote_pers_pages": self.remote_pages[PERS],
+        }
+        for cls, prefix in ((EPH, "zbud_eph_"), (PERS, "zbud_pers_")):
+            c = zb[cls]
+            out[prefix + "zbytes"] = c.zbytes
+            out[prefix + "cumul_zbytes"] = c.cumul_zbytes
+            out[prefix + "zpages"] = c.zpages
+            out[prefix + "cumul_zpages"] = c.cumul_zpages
+            out[prefix + "pageframes"] = c.pageframes
+            out[prefix + "evicted_pageframes"] = c.evicted_pageframes
+            out[prefix + "buddied_count"] = c.buddied_count
+            out[prefix + "unbuddied_count"] = c.unbuddied_count
+        out["zbud_pers_zombie_count"] = zb[PERS].zombie_count
+        out["zbud_eph_zombie_count"] = zb[EPH].zombie_count
+        stored_pages = eph_zpages + pers_zpages
+        metadata = self.metadata_bytes()
+        mem_used = self.frames_used * PAGE_SIZE + metadata
+        out.update(
+            {
+                "frames_total": self.frames_total,
+                "frames_free": self.frames_free,
+                "frames_used": self.frames_used,
+                "memory_budget": self.frames_total * PAGE_SIZE,
+                "stored_pages": stored_pages,
+                "orig_data_size": stored_pages * PAGE_SIZE,
+                "compr_data_size": zb[EPH].zbytes + zb[PERS].zbytes,
+                "metadata_bytes": metadata,
+                "mem_used_total": mem_used,
+                "compression_ratio": (stored_pages * PAGE_SIZE / mem_used) if mem_used else 0.0,
+                "metadata_bytes_per_page": (metadata / stored_pages) if stored_pages else 0.0,
+            }
+        )
+        return out
+
+
+def _radix_nodes(pages: dict[int, Pampd]) -> int:
+    """objnodes a kernel 64-way radix tree would need for these indexes (for the counter)."""
+    if not pages:
+        return 0
+    top = max(pages)
+    if top == 0:
+        return 0
+    height = 0
+    while top >> (6 * height):
+        height += 1
+    nodes = 0
+    for level in range(1, height + 1):
+        nodes += len({index >> (6 * level) for index in pages})
+    return nodes
