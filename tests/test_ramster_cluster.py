@@ -26,9 +26,9 @@ OID = (7, 0, 1)
 
 
 def _pages(n: int, seed: int) -> list[bytes]:
-    """Pages that compress about 2:1 (half random, half zero) so 1 MiB holds ~500."""
+    """Pages that compress to ~1.5 KiB, so zbud packs two per frame (like real anon pages)."""
     rng = random.Random(seed)
-    return [rng.randbytes(2048) + bytes(2048) for _ in range(n)]
+    return [rng.randbytes(1536) + bytes(2560) for _ in range(n)]
 
 
 def _cluster(tmp_path: Path, small: str = "1MiB", big: str = "16MiB") -> list[NodeProc]:
