@@ -8,7 +8,7 @@ import random
 import pytest
 
 from tmem.ramster.policy import LeastLoaded
-from tmem.ramster.remotify import Key, PageEngine, PeerError, PutStatus
+from tmem.ramster.remotify import Blob, Key, PageEngine, PeerError, PutStatus
 from tmem.zcache import Oid, Zcache
 
 OID: Oid = (1, 2, 3)
@@ -40,15 +40,15 @@ class FakePeers:
         return self.f.engines[node]
 
     async def put_pages(
-        self, node: int, persistent: bool, items: list[tuple[Key, bytes]]
+        self, node: int, persistent: bool, items: list[tuple[Key, bytes, bool]]
     ) -> list[int]:
         eng = self._check(node)
         if self.f.gate is not None:
             await self.f.gate.wait()
-        self.f.log += [("put", self.me, node, k) for k, _ in items]
+        self.f.log += [("put", self.me, node, k) for k, _d, _c in items]
         return eng.store_foreign(self.me, persistent, items)
 
-    async def get_pages(self, node: int, keys: list[Key], free: bool) -> list[bytes | None]:
+    async def get_pages(self, node: int, keys: list[Key], free: bool) -> list[Blob | None]:
         return self._check(node).get_foreign(self.me, keys, free)
 
     async def flush_pages(self, node: int, keys: list[Key]) -> None:
@@ -60,6 +60,14 @@ class FakePeers:
 
     async def destroy_pools(self, node: int, pools: list[int]) -> None:
         self._check(node).destroy_foreign_pools(self.me, pools)
+
+
+def foreign(eng: PageEngine, client: int, key: Key) -> bytes | None:
+    """A foreign page as its owner would see it (decompressed)."""
+    got = eng.get_foreign(client, [key], False)[0]
+    if got is None:
+        return None
+    return eng.zc.decompress(got[0]) if got[1] else got[0]
 
 
 def make(fabric: Fabric, n: int, memory: str, replicas: int = 2) -> PageEngine:
@@ -110,13 +118,13 @@ def test_flush_is_never_overtaken_by_a_later_put_of_the_same_handle() -> None:
         old, new = pages(2, seed=5)
         assert await a.put(pool, OID, 0, old)
         assert await a.remotify_once() == 1
-        assert b.get_foreign(1, [(pool, OID, 0)], False) == [old]
+        assert foreign(b, 1, (pool, OID, 0)) == old
         assert a.flush_page(pool, OID, 0)  # queued, not yet sent
         assert await a.put(pool, OID, 0, new)
         assert await a.remotify_once() == 1  # drains the flush first, then puts
         ops = [(op, k) for op, _me, _n, k in f.log if k == (pool, OID, 0)]
         assert ops == [("put", (pool, OID, 0)), ("flush", (pool, OID, 0)), ("put", (pool, OID, 0))]
-        assert b.get_foreign(1, [(pool, OID, 0)], False) == [new]
+        assert foreign(b, 1, (pool, OID, 0)) == new
         assert await a.get(pool, OID, 0) == new
 
     run(main())
@@ -138,7 +146,7 @@ def test_put_during_inflight_remotify_wins_and_stale_copy_is_flushed() -> None:
         assert a.c.stale_remotify_discarded == 1
         assert await a.get(pool, OID, 0) == new
         await a.drain_flushes()
-        assert b.get_foreign(1, [(pool, OID, 0)], False) == [None]
+        assert foreign(b, 1, (pool, OID, 0)) is None
         assert b.c.foreign_pers_pages == 0
 
     run(main())
@@ -209,11 +217,13 @@ def test_foreign_requests_for_missing_pools_change_nothing() -> None:
     assert b.flush_foreign(1, [(3, OID, 0)]) == 0
     assert b.flush_foreign_objects(1, [(3, OID)]) == 0
     assert b.destroy_foreign_pools(1, [3]) == 0
-    assert b.store_foreign(1, True, [((3, OID, 0), p)]) == [PutStatus.STORED]
+    assert b.store_foreign(1, True, [((3, OID, 0), p, False)]) == [PutStatus.STORED]
     # Same pool id claimed as ephemeral: refused, the stored page is untouched.
-    assert b.store_foreign(1, False, [((3, OID, 0), p[::-1])]) == [PutStatus.BAD]
-    assert b.store_foreign(1, True, [((3, OID, 1), b"short")]) == [PutStatus.BAD]
-    assert b.get_foreign(1, [(3, OID, 0)], False) == [p]
+    assert b.store_foreign(1, False, [((3, OID, 0), p[::-1], False)]) == [PutStatus.BAD]
+    assert b.store_foreign(1, True, [((3, OID, 1), b"short", False)]) == [PutStatus.BAD]
+    assert b.store_foreign(1, True, [((3, OID, 1), bytes(5000), True)]) == [PutStatus.BAD]
+    assert foreign(b, 1, (3, OID, 0)) == p
+    assert foreign(b, 1, (3, OID, 1)) is None
     assert b.c.foreign_pers_pages == 1
     assert b.get_foreign(9, [(3, OID, 0)], False) == [None]  # other client: no access
     assert b.drop_foreign(1) == 1 and b.c.foreign_pers_pages == 0

@@ -11,7 +11,7 @@ from typing import Any
 from tmem.ramster import wire
 from tmem.ramster.config import ClusterConfig, NodeSpec
 from tmem.ramster.handshake import Handshake
-from tmem.ramster.remotify import Key, PeerError, PutStatus
+from tmem.ramster.remotify import Blob, Key, PeerError, PutStatus
 from tmem.ramster.transport import Transport
 
 SECRET = b"transport-test-secret"
@@ -48,17 +48,21 @@ class Store:
         self.heartbeats: list[wire.Heartbeat] = []
 
     def store_foreign(
-        self, client: int, persistent: bool, items: Iterable[tuple[Key, bytes]]
+        self, client: int, persistent: bool, items: Iterable[tuple[Key, bytes, bool]]
     ) -> list[int]:
         out = []
-        for k, d in items:
+        for k, d, _compressed in items:
             self.pages[(client, k)] = d
             out.append(PutStatus.STORED)
         return out
 
-    def get_foreign(self, client: int, keys: Iterable[Key], free: bool) -> list[bytes | None]:
+    def get_foreign(self, client: int, keys: Iterable[Key], free: bool) -> list[Blob | None]:
         get = self.pages.pop if free else self.pages.get
-        return [get((client, k), None) for k in keys]
+        out: list[Blob | None] = []
+        for k in keys:
+            d = get((client, k), None)
+            out.append(None if d is None else (d, False))
+        return out
 
     def flush_foreign(self, client: int, keys: Iterable[Key]) -> int:
         return sum(self.pages.pop((client, k), None) is not None for k in keys)
@@ -71,9 +75,6 @@ class Store:
 
     def heartbeat(self, hb: wire.Heartbeat, peer: int) -> None:
         self.heartbeats.append(hb)
-
-    def decompress(self, data: bytes) -> bytes:
-        return data
 
 
 async def wait(pred: Any, timeout: float = 5.0) -> None:
@@ -96,11 +97,11 @@ def test_pair_connects_exchanges_batches_and_reconnects() -> None:
         await wait(lambda: ta.is_connected(2) and tb.is_connected(1))
         page = bytes(range(256)) * 16
         keys = [(0, (1, 2, 3), i) for i in range(600)]  # > one frame: chunked
-        st = await ta.put_pages(2, True, [(k, page) for k in keys])
+        st = await ta.put_pages(2, True, [(k, page, False) for k in keys])
         assert st == [PutStatus.STORED] * 600
         assert len(sb.pages) == 600 and all(cl == 1 for cl, _ in sb.pages)
         got = await ta.get_pages(2, [*keys[:3], (9, (0, 0, 0), 0)], False)
-        assert got == [page] * 3 + [None]
+        assert got == [(page, False)] * 3 + [None]
         await ta.flush_pages(2, keys[:100])
         assert len(sb.pages) == 500
         assert await tb.get_pages(1, keys[:1], False) == [None]  # b's own client is empty
@@ -172,7 +173,7 @@ def test_silent_peer_gets_pinged_then_dropped_and_requests_fail() -> None:
         # A request the raw peer never answers times out (and is counted).
         t0 = time.monotonic()
         try:
-            await ta.put_pages(2, True, [((0, (1, 1, 1), 0), bytes(4096))])
+            await ta.put_pages(2, True, [((0, (1, 1, 1), 0), bytes(4096), False)])
             raise AssertionError("no timeout")
         except PeerError:
             pass

@@ -144,13 +144,10 @@ class Node:
         )
 
     # ------------------------------------------------- RequestHandler (peers)
-    def decompress(self, data: bytes) -> bytes:
-        return self.zc.compressor.decompress(data)
-
     def store_foreign(self, client: int, persistent: bool, items: Any) -> list[int]:
         return self.engine.store_foreign(client, persistent, items)
 
-    def get_foreign(self, client: int, keys: Any, free: bool) -> list[bytes | None]:
+    def get_foreign(self, client: int, keys: Any, free: bool) -> list[tuple[bytes, bool] | None]:
         return self.engine.get_foreign(client, keys, free)
 
     def flush_foreign(self, client: int, keys: Any) -> int:

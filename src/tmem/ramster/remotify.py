@@ -20,11 +20,12 @@ How it differs from the kernel (reference section 5), on purpose:
   handle whose remotify is in flight invalidates that remotify (generation
   check), and the stale remote copies are flushed.
 
-Local bookkeeping is an adapter over the public Zcache API (put/get/flush with
-``client=``): the engine keeps its own LRU of local handles and its own map of
-remote handles, because the stand-in Zcache on main has no ``zombify_lru`` /
-``replace`` yet.  Pages travel uncompressed (the stand-in has no
-``get_compressed``/``put_compressed``); the receiver compresses once on store.
+Local bookkeeping uses the public Zcache API (put/get/flush with ``client=``):
+the engine keeps its own LRU of local handles (put order) and its own map of
+remote handles, so tmem never holds a pampd it cannot serve itself.  Pages
+travel in their stored form (``get_compressed`` -> wire -> ``put_compressed``):
+no recompression on the receiver, and re-replication forwards bytes as they
+are; only the owner decompresses, when it reads a remote page.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from .policy import TargetPolicy
 log = logging.getLogger("tmem.ramster.remotify")
 
 Key = tuple[int, Oid, int]  # (pool_id, oid, index) in the owner's numbering
+Blob = tuple[bytes, bool]  # a page's stored form: (data, compressed)
 
 
 class PutStatus:
@@ -63,10 +65,10 @@ class PeerClient(Protocol):
     """How the engine reaches other nodes (the transport implements it)."""
 
     async def put_pages(
-        self, node: int, persistent: bool, items: list[tuple[Key, bytes]]
+        self, node: int, persistent: bool, items: list[tuple[Key, bytes, bool]]
     ) -> list[int]: ...
 
-    async def get_pages(self, node: int, keys: list[Key], free: bool) -> list[bytes | None]: ...
+    async def get_pages(self, node: int, keys: list[Key], free: bool) -> list[Blob | None]: ...
 
     async def flush_pages(self, node: int, keys: list[Key]) -> None: ...
 
@@ -268,7 +270,7 @@ class PageEngine:
     async def _remote_get(self, key: Key, entry: RemoteEntry, free: bool) -> bytes | None:
         live = self.live_peers()
         order = sorted(entry.nodes, key=lambda n: (n not in live, n))
-        page: bytes | None = None
+        blob: Blob | None = None
         source = None
         for node in order:
             try:
@@ -276,13 +278,14 @@ class PageEngine:
             except PeerError:
                 continue
             if got and got[0] is not None:
-                page, source = got[0], node
+                blob, source = got[0], node
                 break
+        page = None if blob is None else self._page(blob)
         if self.remote.get(key) is not entry:
             # Flushed or rewritten while we waited: the fetched copy is the value
             # this get observed; the newer operation already owns the state.
             return page
-        if page is None:
+        if page is None or blob is None:
             if entry.persistent:
                 self.c.remote_pers_pages_unsucc_get += 1
             else:
@@ -298,12 +301,17 @@ class PageEngine:
                 entry.nodes.remove(source)
             self._forget_remote(key)
         elif entry.persistent and self.zc.frames_free > self.high_frames:
-            self._repatriate(key, page)
+            self._repatriate(key, blob)
         return page
 
-    def _repatriate(self, key: Key, page: bytes) -> bool:
+    def _page(self, blob: Blob) -> bytes:
+        data, compressed = blob
+        return self.zc.decompress(data) if compressed else data
+
+    def _repatriate(self, key: Key, blob: Blob) -> bool:
         pool_id, oid, index = key
-        if self.zc.put_status(pool_id, oid, index, page) is not PutResult.STORED:
+        st = self.zc.put_compressed(pool_id, oid, index, blob[0], compressed=blob[1])
+        if st is not PutResult.STORED:
             self.c.pers_pages_remote_nomem += 1
             return False
         self._forget_remote(key)
@@ -395,8 +403,8 @@ class PageEngine:
                 self.c.remote_page_flushes_failed += len(box.flush_pages)
                 self.c.remote_object_flushes_failed += len(box.flush_objects)
 
-    def _victims(self, limit: int) -> list[tuple[Key, int, bool, bytes]]:
-        out: list[tuple[Key, int, bool, bytes]] = []
+    def _victims(self, limit: int) -> list[tuple[Key, int, bool, Blob]]:
+        out: list[tuple[Key, int, bool, Blob]] = []
         stale: list[Key] = []
         for key, gen in self.lru.items():
             if len(out) >= limit:
@@ -409,11 +417,11 @@ class PageEngine:
                 not persistent and not self.remotify_ephemeral
             ):
                 continue
-            page = self.zc.get(key[0], key[1], key[2], free=False)
-            if page is None:  # evicted by zcache itself (ephemeral)
+            blob = self.zc.get_compressed(key[0], key[1], key[2], free=False)
+            if blob is None:  # evicted by zcache itself (ephemeral)
                 stale.append(key)
                 continue
-            out.append((key, gen, persistent, page))
+            out.append((key, gen, persistent, (bytes(blob[0]), blob[1])))
         for key in stale:
             self.lru.pop(key, None)
         return out
@@ -434,7 +442,7 @@ class PageEngine:
                     moved += await self._send_group(group, persistent)
             return moved
 
-    async def _send_group(self, group: list[tuple[Key, int, bool, bytes]], persistent: bool) -> int:
+    async def _send_group(self, group: list[tuple[Key, int, bool, Blob]], persistent: bool) -> int:
         live = self.live_peers()
         live.pop(self.node_number, None)
         want = self.replicas if persistent else 1
@@ -449,7 +457,7 @@ class PageEngine:
             else:
                 self.c.eph_pages_remote_failed += len(group)
             return 0
-        items = [(key, page) for key, _gen, _p, page in group]
+        items = [(key, blob[0], blob[1]) for key, _gen, _p, blob in group]
         results = await asyncio.gather(
             *(self.peers.put_pages(t, persistent, items) for t in targets),
             return_exceptions=True,
@@ -568,20 +576,20 @@ class PageEngine:
                 )
                 if not sources or not targets:
                     continue
-                page = None
+                blob = None
                 for src in sources:
                     try:
                         got = await self.peers.get_pages(src, [key], False)
                     except PeerError:
                         continue
                     if got and got[0] is not None:
-                        page = got[0]
+                        blob = got[0]
                         break
-                if page is None or self.remote.get(key) is not entry:
+                if blob is None or self.remote.get(key) is not entry:
                     continue
                 for t in targets:
                     try:
-                        st = await self.peers.put_pages(t, True, [(key, page)])
+                        st = await self.peers.put_pages(t, True, [(key, *blob)])
                     except PeerError:
                         continue
                     if self.remote.get(key) is not entry:
@@ -617,12 +625,14 @@ class PageEngine:
             c.foreign_eph_pages_max = max(c.foreign_eph_pages_max, c.foreign_eph_pages)
 
     def store_foreign(
-        self, client: int, persistent: bool, items: Iterable[tuple[Key, bytes]]
+        self, client: int, persistent: bool, items: Iterable[tuple[Key, bytes, bool]]
     ) -> list[int]:
         """A peer's remote put: store within our budget, keep our own reserve."""
         out: list[int] = []
-        for (pool_id, oid, index), page in items:
-            if client == LOCAL_CLIENT or len(page) != PAGE_SIZE:
+        for (pool_id, oid, index), data, compressed in items:
+            if client == LOCAL_CLIENT or not (
+                len(data) <= PAGE_SIZE if compressed else len(data) == PAGE_SIZE
+            ):
                 out.append(PutStatus.BAD)
                 continue
             if not self._foreign_pool(client, pool_id, persistent):
@@ -635,7 +645,9 @@ class PageEngine:
                     self.c.foreign_puts_refused += 1
                     out.append(PutStatus.FULL)
                     continue
-                st = self.zc.put_status(pool_id, oid, index, page, client=client)
+                st = self.zc.put_compressed(
+                    pool_id, oid, index, data, client=client, compressed=compressed
+                )
             except TmemError:
                 out.append(PutStatus.BAD)
                 continue
@@ -649,20 +661,23 @@ class PageEngine:
                 out.append(PutStatus.POOR)
         return out
 
-    def get_foreign(self, client: int, keys: Iterable[Key], free: bool) -> list[bytes | None]:
-        out: list[bytes | None] = []
+    def get_foreign(self, client: int, keys: Iterable[Key], free: bool) -> list[Blob | None]:
+        out: list[Blob | None] = []
         for pool_id, oid, index in keys:
             persistent = self.foreign.get((client, pool_id))
             if persistent is None:
                 out.append(None)
                 continue
             try:
-                page = self.zc.get(pool_id, oid, index, free=free, client=client)
+                got = self.zc.get_compressed(pool_id, oid, index, free=free, client=client)
             except TmemError:
-                page = None
-            if page is not None and free:
+                got = None
+            if got is None:
+                out.append(None)
+                continue
+            if free:
                 self._count_foreign(persistent, -1)
-            out.append(page)
+            out.append((bytes(got[0]), got[1]))
         return out
 
     def flush_foreign(self, client: int, keys: Iterable[Key]) -> int:

@@ -37,7 +37,7 @@ from tmem.zcache import Oid
 from . import wire
 from .config import ClusterConfig, NodeSpec
 from .handshake import Handshake
-from .remotify import Key, PeerError, PutStatus
+from .remotify import Blob, Key, PeerError, PutStatus
 
 log = logging.getLogger("tmem.ramster.transport")
 
@@ -55,10 +55,10 @@ class RequestHandler(Protocol):
     """What a node does with its peers' requests (``client`` = authenticated peer)."""
 
     def store_foreign(
-        self, client: int, persistent: bool, items: Iterable[tuple[Key, bytes]]
+        self, client: int, persistent: bool, items: Iterable[tuple[Key, bytes, bool]]
     ) -> list[int]: ...
 
-    def get_foreign(self, client: int, keys: Iterable[Key], free: bool) -> list[bytes | None]: ...
+    def get_foreign(self, client: int, keys: Iterable[Key], free: bool) -> list[Blob | None]: ...
 
     def flush_foreign(self, client: int, keys: Iterable[Key]) -> int: ...
 
@@ -67,8 +67,6 @@ class RequestHandler(Protocol):
     def destroy_foreign_pools(self, client: int, pools: Iterable[int]) -> int: ...
 
     def heartbeat(self, hb: wire.Heartbeat, peer: int) -> None: ...
-
-    def decompress(self, data: bytes) -> bytes: ...
 
 
 @dataclass(slots=True)
@@ -373,11 +371,10 @@ class Transport:
             return None
         link.stats.requests_received += 1
         if isinstance(msg, wire.PutBatch):
-            items = []
-            for it in msg.items:
-                data = bytes(it.data) if not it.compressed else h.decompress(bytes(it.data))
-                k = it.key
-                items.append(((k.pool_id, k.oid, k.index), data))
+            items = [
+                ((it.key.pool_id, it.key.oid, it.key.index), bytes(it.data), it.compressed)
+                for it in msg.items
+            ]
             persistent = bool(msg.items) and msg.items[0].key.persistent
             if any(it.key.persistent is not persistent for it in msg.items):
                 return wire.Status(cookie=cookie, status=-errno.EINVAL)
@@ -388,7 +385,10 @@ class Transport:
             pages = h.get_foreign(peer, keys, msg.free)
             return wire.GetBatchReply(
                 cookie=cookie,
-                items=[wire.GetResult(k, p, False) for k, p in zip(msg.keys, pages, strict=True)],
+                items=[
+                    wire.GetResult(k, None) if p is None else wire.GetResult(k, p[0], p[1])
+                    for k, p in zip(msg.keys, pages, strict=True)
+                ],
             )
         if isinstance(msg, wire.FlushBatch):
             n = 0
@@ -403,14 +403,17 @@ class Transport:
             n = h.destroy_foreign_pools(peer, [msg.pool_id])
             return wire.Status(cookie=cookie, results=(n,))
         if isinstance(msg, wire.Put):
-            data = bytes(msg.data) if not msg.compressed else h.decompress(bytes(msg.data))
             k = msg.key
-            res = h.store_foreign(peer, k.persistent, [((k.pool_id, k.oid, k.index), data)])
+            res = h.store_foreign(
+                peer, k.persistent, [((k.pool_id, k.oid, k.index), bytes(msg.data), msg.compressed)]
+            )
             return wire.Status(cookie=cookie, status=_STATUS_TO_ERRNO[res[0]])
         if isinstance(msg, wire.Get):
             k = msg.key
-            page = h.get_foreign(peer, [(k.pool_id, k.oid, k.index)], msg.free)[0]
-            return wire.GetReply(cookie=cookie, key=k, data=page, compressed=False)
+            got = h.get_foreign(peer, [(k.pool_id, k.oid, k.index)], msg.free)[0]
+            if got is None:
+                return wire.GetReply(cookie=cookie, key=k, data=None)
+            return wire.GetReply(cookie=cookie, key=k, data=got[0], compressed=got[1])
         if isinstance(msg, wire.FlushPage):
             k = msg.key
             n = h.flush_foreign(peer, [(k.pool_id, k.oid, k.index)])
@@ -520,9 +523,9 @@ class Transport:
         return wire.PageKey(self.local.number, pool_id, persistent, oid, index)
 
     async def put_pages(
-        self, node: int, persistent: bool, items: list[tuple[Key, bytes]]
+        self, node: int, persistent: bool, items: list[tuple[Key, bytes, bool]]
     ) -> list[int]:
-        witems = [wire.PutItem(self._pkey(k, persistent), d, False) for k, d in items]
+        witems = [wire.PutItem(self._pkey(k, persistent), d, c) for k, d, c in items]
         chunks = list(wire.chunk_put_items(witems, self.max_payload))
         replies = await asyncio.gather(
             *(self.request(node, wire.PutBatch, items=ch) for ch in chunks)
@@ -534,22 +537,18 @@ class Transport:
             out.extend(_ERRNO_TO_STATUS.get(r, PutStatus.BAD) for r in reply.results)
         return out
 
-    async def get_pages(self, node: int, keys: list[Key], free: bool) -> list[bytes | None]:
+    async def get_pages(self, node: int, keys: list[Key], free: bool) -> list[Blob | None]:
         # Persistence of the pool is recorded by the receiver; the flag is informative.
         per = max(1, (self.max_payload - 64) // (wire.ITEM_OVERHEAD + 4096))
-        out: list[bytes | None] = []
+        out: list[Blob | None] = []
         for i in range(0, len(keys), per):
             chunk = [self._pkey(k, True) for k in keys[i : i + per]]
             reply = await self.request(node, wire.GetBatch, keys=chunk, free=free)
             if not isinstance(reply, wire.GetBatchReply) or len(reply.items) != len(chunk):
                 raise PeerError(f"node {node}: bad get reply")
-            for it in reply.items:
-                if it.data is None:
-                    out.append(None)
-                elif it.compressed:
-                    out.append(self.handler.decompress(bytes(it.data)))
-                else:
-                    out.append(bytes(it.data))
+            out.extend(
+                None if it.data is None else (bytes(it.data), it.compressed) for it in reply.items
+            )
         return out
 
     async def _flush(self, node: int, items: list[wire.FlushItem]) -> None:
