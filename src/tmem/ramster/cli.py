@@ -36,6 +36,7 @@ def cluster() -> None:
 @click.option("--listen", default=None, help="HOST:PORT to listen on (default: from the file).")
 @click.option("--memory", default="64MiB", show_default=True, help="RAM budget.")
 @click.option("--compressor", default="lz4", show_default=True)
+@click.option("--huge-pages", is_flag=True, help="Keep incompressible persistent pages raw.")
 @click.option("--control", default=None, type=click.Path(), help="Unix socket of the control API.")
 @click.option("-v", "--verbose", count=True)
 def serve_cmd(
@@ -44,6 +45,7 @@ def serve_cmd(
     listen: str | None,
     memory: str,
     compressor: str,
+    huge_pages: bool,
     control: str | None,
     verbose: int,
 ) -> None:
@@ -60,6 +62,7 @@ def serve_cmd(
             node_name,
             memory=memory,
             compressor=compressor,
+            huge_pages=huge_pages,
             listen=_hostport(listen) if listen else None,
             control=control,
         )

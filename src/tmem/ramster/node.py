@@ -413,12 +413,21 @@ def serve_node(
     *,
     memory: int | str = "64MiB",
     compressor: str = "lz4",
+    huge_pages: bool = False,
     listen: tuple[str, int] | None = None,
     control: str | Path | None = None,
 ) -> None:
     """Build a node from its cluster file and run it (the ``tmem serve --cluster`` body)."""
     cfg = load_config(cluster)
-    node = Node(cfg, name, memory=memory, compressor=compressor, listen=listen, control=control)
+    node = Node(
+        cfg,
+        name,
+        memory=memory,
+        compressor=compressor,
+        huge_pages=huge_pages,
+        listen=listen,
+        control=control,
+    )
     asyncio.run(node.run())
 
 
