@@ -615,108 +615,111 @@ class PageEngine:
             return True
         return have is persistent
 
-    def _count_foreign(self, persistent: bool, delta: int) -> None:
+    def _note_foreign(self) -> None:
+        """Recount foreign pages from zcache (exact even after ephemeral eviction)."""
         c = self.c
-        if persistent:
-            c.foreign_pers_pages += delta
-            c.foreign_pers_pages_max = max(c.foreign_pers_pages_max, c.foreign_pers_pages)
-        else:
-            c.foreign_eph_pages += delta
-            c.foreign_eph_pages_max = max(c.foreign_eph_pages_max, c.foreign_eph_pages)
+        counts = [0, 0]
+        for (client, pool_id), persistent in self.foreign.items():
+            counts[persistent] += self.zc.pool_pages(pool_id, client=client)
+        c.foreign_eph_pages, c.foreign_pers_pages = counts
+        c.foreign_eph_pages_max = max(c.foreign_eph_pages_max, counts[0])
+        c.foreign_pers_pages_max = max(c.foreign_pers_pages_max, counts[1])
 
     def store_foreign(
         self, client: int, persistent: bool, items: Iterable[tuple[Key, bytes, bool]]
     ) -> list[int]:
-        """A peer's remote put: store within our budget, keep our own reserve."""
+        """A peer's remote put: store within our budget, keep our own reserve.
+
+        Hot path of remotify (and of the benchmark): checks hoisted per batch.
+        """
         out: list[int] = []
+        append = out.append
+        zc = self.zc
+        put = zc.put_compressed
+        low = self.low_frames
+        pool_ok: dict[int, bool] = {}
+        stored = PutResult.STORED
+        refused = 0
         for (pool_id, oid, index), data, compressed in items:
-            if client == LOCAL_CLIENT or not (
-                len(data) <= PAGE_SIZE if compressed else len(data) == PAGE_SIZE
-            ):
-                out.append(PutStatus.BAD)
+            ok = pool_ok.get(pool_id)
+            if ok is None:
+                ok = pool_ok[pool_id] = client != LOCAL_CLIENT and self._foreign_pool(
+                    client, pool_id, persistent
+                )
+            n = len(data)
+            if not ok or n > PAGE_SIZE or (not compressed and n != PAGE_SIZE):
+                append(PutStatus.BAD)
                 continue
-            if not self._foreign_pool(client, pool_id, persistent):
-                out.append(PutStatus.BAD)
+            if zc.frames_free <= low:
+                refused += 1
+                append(PutStatus.FULL)
                 continue
             try:
-                if self.zc.flush_page(pool_id, oid, index, client=client):
-                    self._count_foreign(persistent, -1)
-                if self.zc.frames_free <= self.low_frames:
-                    self.c.foreign_puts_refused += 1
-                    out.append(PutStatus.FULL)
-                    continue
-                st = self.zc.put_compressed(
-                    pool_id, oid, index, data, client=client, compressed=compressed
-                )
+                st = put(pool_id, oid, index, data, client=client, compressed=compressed)
             except TmemError:
-                out.append(PutStatus.BAD)
+                append(PutStatus.BAD)
                 continue
-            if st is PutResult.STORED:
-                self._count_foreign(persistent, 1)
-                out.append(PutStatus.STORED)
+            if st is stored:
+                append(PutStatus.STORED)
             elif st is PutResult.NO_MEMORY:
-                self.c.foreign_puts_refused += 1
-                out.append(PutStatus.FULL)
+                refused += 1
+                append(PutStatus.FULL)
             else:
-                out.append(PutStatus.POOR)
+                append(PutStatus.POOR)
+        self.c.foreign_puts_refused += refused
+        self._note_foreign()
         return out
 
     def get_foreign(self, client: int, keys: Iterable[Key], free: bool) -> list[Blob | None]:
+        """A peer's remote get (get-and-free when ``free``); None = miss or no such pool."""
         out: list[Blob | None] = []
+        append = out.append
+        get = self.zc.get_compressed
+        foreign = self.foreign
         for pool_id, oid, index in keys:
-            persistent = self.foreign.get((client, pool_id))
-            if persistent is None:
-                out.append(None)
+            if (client, pool_id) not in foreign:
+                append(None)
                 continue
             try:
-                got = self.zc.get_compressed(pool_id, oid, index, free=free, client=client)
+                append(get(pool_id, oid, index, free=free, client=client))
             except TmemError:
-                got = None
-            if got is None:
-                out.append(None)
-                continue
-            if free:
-                self._count_foreign(persistent, -1)
-            out.append((bytes(got[0]), got[1]))
+                append(None)
+        if free:
+            self._note_foreign()
         return out
 
     def flush_foreign(self, client: int, keys: Iterable[Key]) -> int:
         n = 0
+        flush = self.zc.flush_page
         for pool_id, oid, index in keys:
-            persistent = self.foreign.get((client, pool_id))
-            if persistent is None:
+            if (client, pool_id) not in self.foreign:
                 continue
             try:
-                if self.zc.flush_page(pool_id, oid, index, client=client):
-                    self._count_foreign(persistent, -1)
-                    n += 1
+                n += flush(pool_id, oid, index, client=client)
             except TmemError:
                 continue
+        self._note_foreign()
         return n
 
     def flush_foreign_objects(self, client: int, objs: Iterable[tuple[int, Oid]]) -> int:
         n = 0
         for pool_id, oid in objs:
-            persistent = self.foreign.get((client, pool_id))
-            if persistent is None:
+            if (client, pool_id) not in self.foreign:
                 continue
             try:
-                k = self.zc.flush_object(pool_id, oid, client=client)
+                n += self.zc.flush_object(pool_id, oid, client=client)
             except TmemError:
                 continue
-            self._count_foreign(persistent, -k)
-            n += k
+        self._note_foreign()
         return n
 
     def destroy_foreign_pools(self, client: int, pools: Iterable[int]) -> int:
         n = 0
         for pool_id in pools:
-            persistent = self.foreign.pop((client, pool_id), None)
-            if persistent is None:
+            if self.foreign.pop((client, pool_id), None) is None:
                 continue
-            k = self.zc.destroy_pool(pool_id, client=client)
-            self._count_foreign(persistent, -k)
-            n += k
+            n += self.zc.destroy_pool(pool_id, client=client)
+        self._note_foreign()
         return n
 
     def drop_foreign(self, client: int) -> int:
@@ -727,6 +730,13 @@ class PageEngine:
 
     def stats(self) -> dict[str, int | float]:
         s: dict[str, int | float] = {k: getattr(self.c, k) for k in Counters.__dataclass_fields__}
+        self._note_foreign()
+        s.update(
+            foreign_eph_pages=self.c.foreign_eph_pages,
+            foreign_pers_pages=self.c.foreign_pers_pages,
+            foreign_eph_pages_max=self.c.foreign_eph_pages_max,
+            foreign_pers_pages_max=self.c.foreign_pers_pages_max,
+        )
         s["pers_pages_under_replicated"] = len(self.under)
         s["local_pages_tracked"] = len(self.lru)
         s["flushes_queued"] = sum(
