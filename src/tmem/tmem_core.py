@@ -137,11 +137,11 @@ class Tmem:
 
     def pool(self, pool_id: int, client: int = LOCAL_CLIENT) -> Pool:
         """The live pool ``pool_id`` of ``client``, or :class:`UnknownPoolError`."""
-        try:
-            pool = self.clients[client][pool_id]
-        except (KeyError, IndexError, TypeError):
-            pool = None
-        if pool is None or type(pool_id) is not int or pool_id < 0:
+        pool = None
+        if type(pool_id) is int and 0 <= pool_id < MAX_POOLS_PER_CLIENT:
+            slots = self.clients.get(client)
+            pool = None if slots is None else slots[pool_id]
+        if pool is None:
             raise UnknownPoolError(f"no pool {pool_id!r} for client {client:#x}")
         return pool
 

@@ -55,6 +55,7 @@ F_ZOMBIE = 2
 F_HUGE = 4  # one raw (uncompressed) page fills the whole frame; handle kept aside
 
 _FRAME_MASK = (1 << 32) - 1
+_NO_FRAMES: array[int] = array("i")
 # _FITS[stored] = bitmask of the unbuddied lists i (one zbud of i chunks) that leave
 # room for a zbud of ``stored`` bytes: i <= NCHUNKS - chunks(stored).
 _FITS = tuple(
@@ -198,42 +199,57 @@ class Zbud:
 
     # ---- placement -------------------------------------------------------------------
 
-    def match(self, cls: int, handle: Handle, data: bytes, clen: int = -1) -> int:
-        """Place ``data`` into the fullest partial frame of ``cls`` that has room.
+    def store(self, cls: int, handle: Handle, data: bytes, free_frames: array[int]) -> int:
+        """Place ``data`` (len <= MAX_BUDDY_SIZE) and return its pampd, or -1.
 
-        Returns the new pampd, or -1 if no partial frame fits (the caller then hands
-        zbud a frame through :meth:`create`). ``len(data)`` must be <= MAX_BUDDY_SIZE.
-        Hot path: straight-line for the common case, stale entries go the slow way.
+        Best fit first: the fullest partial frame of ``cls`` with room. Otherwise a frame
+        zcache handed over on its ``free_frames`` stack becomes a new unbuddied frame.
+        -1 when neither exists (zcache then reclaims a frame and calls :meth:`create`).
+        This is the put hot path, so it is one flat function.
         """
-        stored = (len(data) if clen < 0 else clen) + HANDLE_SIZE
+        stored = len(data) + HANDLE_SIZE
         mask = self.unbuddied_mask[cls]
         fits = mask & _FITS[stored]
-        if not fits:
-            return -1
-        i = fits.bit_length() - 1
-        stack = self.unbuddied[cls][i]
-        frame = stack.pop()
-        if not stack:
-            self.unbuddied_mask[cls] = mask & ~(1 << i)
-        where = self.where
-        if where[frame] != i | cls << 6:
-            frame = self._pop_fit(cls, stored)
-            if frame < 0:
-                return -1
-        where[frame] = 0
-        if self.size0[frame] == 0:
+        if fits:
+            i = fits.bit_length() - 1
+            stack = self.unbuddied[cls][i]
+            frame = stack.pop()
+            if not stack:
+                self.unbuddied_mask[cls] = mask & ~(1 << i)
+            if self.where[frame] != i | cls << 6:
+                frame = self._pop_fit(cls, stored)
+        else:
+            frame = -1
+        if frame >= 0:  # second buddy of a partial frame
+            self.where[frame] = 0
+            if self.size0[frame] == 0:
+                self.size0[frame] = stored
+                off = frame * PAGE_SIZE
+                pampd = frame << 1
+            else:
+                self.size1[frame] = stored
+                off = (frame + 1) * PAGE_SIZE - ((stored + CHUNK_SIZE - 1) & -CHUNK_SIZE)
+                pampd = frame << 1 | 1
+        elif free_frames:  # first buddy of a fresh frame
+            frame = free_frames.pop()
+            self.flags[frame] = F_USED
+            self.cls[frame] = cls
             self.size0[frame] = stored
+            self.size1[frame] = 0
+            i = (stored + CHUNK_SIZE - 1) >> CHUNK_SHIFT
+            self.unbuddied[cls][i].append(frame)
+            self.where[frame] = i | cls << 6
+            self.unbuddied_mask[cls] |= 1 << i
+            self.counters[cls].pageframes += 1
             off = frame * PAGE_SIZE
             pampd = frame << 1
         else:
-            self.size1[frame] = stored
-            off = (frame + 1) * PAGE_SIZE - ((stored + CHUNK_SIZE - 1) & -CHUNK_SIZE)
-            pampd = frame << 1 | 1
+            return -1
         arena = self.arena
         HANDLE.pack_into(arena, off, *handle)
         arena[off + HANDLE_SIZE : off + stored] = data
         seq = next(self._seq)
-        self.stamp[frame] = seq
+        self.stamp[frame] = seq  # adding a zbud makes the frame most recently used
         self.lru[cls].append(seq << 32 | frame)
         if not seq & 1023:
             self._maybe_compact()
@@ -243,6 +259,22 @@ class Zbud:
         c.cumul_zpages += 1
         c.cumul_zbytes += stored - HANDLE_SIZE
         return pampd
+
+    def match(self, cls: int, handle: Handle, data: bytes) -> int:
+        """Place ``data`` into the fullest partial frame of ``cls`` with room, or -1."""
+        return self.store(cls, handle, data, _NO_FRAMES)
+
+    def create(self, cls: int, frame: int, handle: Handle, data: bytes) -> int:
+        """Start using the empty ``frame`` with ``data`` as buddy 0; return its pampd.
+
+        The caller has found no partial frame with room (or wants a fresh frame).
+        """
+        mask = self.unbuddied_mask[cls]
+        self.unbuddied_mask[cls] = 0  # hide partial frames for this one placement
+        try:
+            return self.store(cls, handle, data, array("i", (frame,)))
+        finally:
+            self.unbuddied_mask[cls] |= mask
 
     def _pop_fit(self, cls: int, stored: int) -> int:
         """Pop the best-fitting live unbuddied frame, skipping stale stack entries."""
@@ -262,37 +294,6 @@ class Zbud:
                         self.unbuddied_mask[cls] = mask & ~(1 << i)
                     return f
             self.unbuddied_mask[cls] = mask & ~(1 << i)
-
-    def create(self, cls: int, frame: int, handle: Handle, data: bytes) -> int:
-        """Start using the empty ``frame`` with ``data`` as buddy 0; return its pampd."""
-        stored = len(data) + HANDLE_SIZE
-        self.flags[frame] = F_USED
-        self.cls[frame] = cls
-        self.size0[frame] = stored
-        self.size1[frame] = 0
-        off = frame * PAGE_SIZE
-        arena = self.arena
-        HANDLE.pack_into(arena, off, *handle)
-        arena[off + HANDLE_SIZE : off + stored] = data
-        c = self.counters[cls]
-        c.pageframes += 1
-        c.zpages += 1
-        c.zbytes += stored - HANDLE_SIZE
-        c.cumul_zpages += 1
-        c.cumul_zbytes += stored - HANDLE_SIZE
-        # onto unbuddied stack i (inlined _push_unbuddied)
-        i = (stored + CHUNK_SIZE - 1) >> CHUNK_SHIFT
-        self.unbuddied[cls][i].append(frame)
-        self.where[frame] = i | cls << 6
-        self.unbuddied_mask[cls] |= 1 << i
-        # to the MRU end (inlined _touch)
-        seq = next(self._seq)
-        self.stamp[frame] = seq
-        lru = self.lru[cls]
-        lru.append(seq << 32 | frame)
-        if not seq & 1023:
-            self._maybe_compact()
-        return frame << 1
 
     def create_huge(self, cls: int, frame: int, handle: Handle, page: bytes) -> int:
         """Store an incompressible page raw in the whole ``frame`` (zram's "huge" page).

@@ -154,10 +154,13 @@ class Zcache:
             flags |= getattr(mmap, "MAP_POPULATE", 0)
         self._mm = mmap.mmap(-1, self.frames_total * PAGE_SIZE, flags=flags)
         self.zbud = Zbud(self._mm, self.frames_total)  # type: ignore[arg-type]
+        self._size0 = self.zbud.size0  # the get hot path reads the size columns directly
+        self._size1 = self.zbud.size1
         self.tmem = Tmem(self)
         self._local = self.tmem.local_by_id
-        self._free_frames = array("i")
-        self._next_unused = 0
+        # zcache owns every frame; free ones wait on this stack (frame 0 on top) and zbud
+        # takes from it only when zcache hands it over in store().
+        self._free_frames = array("i", range(self.frames_total - 1, -1, -1))
         self._zombie_seq = 0
         # counters (kernel names where they exist; see stats())
         self.same_filled = [0, 0]  # per class, pages stored as a pattern (no frame)
@@ -183,9 +186,6 @@ class Zcache:
         self.huge_pages_stored = 0
         self.writtenback_pages = 0
         self.writeback_failed = 0
-        self.pageframes_alloced = 0
-        self.pageframes_freed = 0
-        self.succ_gets = 0
         self.failed_gets = 0
         self.pers_get_failures = 0
         self._why = PutResult.STORED  # why the last failed put failed (see put_status)
@@ -209,7 +209,7 @@ class Zcache:
         return self.tmem.new_pool(bool(persistent), bool(shared), uuid, client, pool_id).pool_id
 
     def _pool(self, pool_id: int, client: int) -> Pool:
-        pool = self._local.get(pool_id) if client == LOCAL_CLIENT else None
+        pool = self._local.get(pool_id) if type(pool_id) is int and client == LOCAL_CLIENT else None
         return pool if pool is not None else self.tmem.pool(pool_id, client)
 
     def is_persistent(self, pool_id: int, *, client: int = LOCAL_CLIENT) -> bool:
@@ -232,7 +232,7 @@ class Zcache:
     @property
     def frames_free(self) -> int:
         """Frames not holding data (never used or freed)."""
-        return len(self._free_frames) + self.frames_total - self._next_unused
+        return len(self._free_frames)
 
     @property
     def frames_used(self) -> int:
@@ -247,7 +247,6 @@ class Zcache:
                 frame = self.zbud.free(pampd)
                 if frame >= 0:
                     self._free_frames.append(frame)
-                    self.pageframes_freed += 1
             else:
                 self.same_filled[pool.persistent] -= 1
                 if pampd == -1:
@@ -260,34 +259,24 @@ class Zcache:
     # ---- frames ----------------------------------------------------------------------
 
     def _take_frame(self, persistent: bool) -> int:
-        """A frame for a new zbud: free, never used, or reclaimed (ouroboros, writeback)."""
+        """A frame for a new zbud when none is free: ouroboros, then writeback; -1 if none."""
         if self._free_frames:
-            frame = self._free_frames.pop()
-        elif self._next_unused < self.frames_total:
-            frame = self._next_unused
-            self._next_unused += 1
-        else:
-            self.failed_getfreepages += 1
-            frame = self._evict_eph()
-            if frame >= 0:
-                if persistent:
-                    self.pers_ate_eph += 1
-                else:
-                    self.eph_ate_tail += 1
-                self.pageframes_alloced += 1
-                return frame
+            return self._free_frames.pop()
+        self.failed_getfreepages += 1
+        frame = self._evict_eph()
+        if frame >= 0:
             if persistent:
-                self.pers_ate_eph_failed += 1
-                if self.writeback is not None:
-                    frame = self._writeback_one()
-                    if frame >= 0:
-                        self.pageframes_alloced += 1
-                        return frame
+                self.pers_ate_eph += 1
             else:
-                self.eph_ate_tail_failed += 1
+                self.eph_ate_tail += 1
+            return frame
+        if not persistent:
+            self.eph_ate_tail_failed += 1
             return -1
-        self.pageframes_alloced += 1
-        return frame
+        self.pers_ate_eph_failed += 1
+        if self.writeback is not None:
+            return self._writeback_one()
+        return -1
 
     def _drop_handle(self, client: int, pool_id: int, oid: Oid, index: int, pampd: int) -> None:
         """Remove the tmem entry for a zbud whose frame was reclaimed (no free)."""
@@ -373,7 +362,7 @@ class Zcache:
         A page that was not stored leaves no older copy behind; :meth:`put_status` says
         why. This is the hot path: it is flat on purpose.
         """
-        pool = self._local.get(pool_id) if client == LOCAL_CLIENT else None
+        pool = self._local.get(pool_id) if type(pool_id) is int and client == LOCAL_CLIENT else None
         if pool is None:
             pool = self.tmem.pool(pool_id, client)
         try:
@@ -393,7 +382,12 @@ class Zcache:
             check_oid(oid)
         if type(index) is not int or not 0 <= index <= U32_MAX:
             check_index(index)
-        data = self._compress(page)
+        try:
+            data = self._compress(page)
+        except TypeError:
+            raise PageSizeError(
+                f"page must be a bytes-like object, got {type(page).__name__}"
+            ) from None
         clen = len(data)
         persistent = pool.persistent
         if clen <= SAME_FILLED_PROBE:
@@ -407,16 +401,10 @@ class Zcache:
             self._flush_quietly(pool, oid, index)
             self._why = PutResult.POOR_COMPRESSION
             return False
-        zbud = self.zbud
         handle = (oid[0], oid[1], oid[2], index, pool.pool_id, pool.client)
-        pampd = zbud.match(persistent, handle, data, clen)
+        pampd = self.zbud.store(persistent, handle, data, self._free_frames)
         if pampd < 0:
-            if self._free_frames:
-                frame = self._free_frames.pop()
-                self.pageframes_alloced += 1
-            else:
-                frame = self._take_frame(persistent)
-                pages = objects.get(oid)  # reclaim may have flushed entries of this object
+            frame = self._take_frame(persistent)
             if frame < 0:
                 if persistent:
                     self.failed_pers_puts += 1
@@ -425,7 +413,8 @@ class Zcache:
                 self._flush_quietly(pool, oid, index)
                 self._why = PutResult.NO_MEMORY
                 return False
-            pampd = zbud.create(persistent, frame, handle, data)
+            pampd = self.zbud.create(persistent, frame, handle, data)
+            pages = objects.get(oid)  # reclaim may have flushed entries of this object
         if pages is None:
             objects[oid] = {index: pampd}
         else:
@@ -514,7 +503,7 @@ class Zcache:
         the page stays unless ``free=True``. A page living on another node raises
         :class:`RemotePageError` (the cluster layer fetches it).
         """
-        pool = self._local.get(pool_id) if client == LOCAL_CLIENT else None
+        pool = self._local.get(pool_id) if type(pool_id) is int and client == LOCAL_CLIENT else None
         if pool is None:
             pool = self.tmem.pool(pool_id, client)
         objects = pool.objects
@@ -535,24 +524,21 @@ class Zcache:
         if type(pampd) is not int:
             raise RemotePageError(pampd)
         if pampd >= 0:
-            zbud = self.zbud
             frame = pampd >> 1
-            if pampd & 1:
-                stored = zbud.size1[frame]
-                start = (frame + 1) * PAGE_SIZE - ((stored + CHUNK_SIZE - 1) & -CHUNK_SIZE)
-                raw = self._mm[start + HANDLE_SIZE : start + stored]
-            elif zbud.flags[frame] & F_HUGE:
-                raw = None
-            else:
-                start = frame * PAGE_SIZE
-                raw = self._mm[start + HANDLE_SIZE : start + zbud.size0[frame]]
-            if raw is None:
-                data = self._mm[frame * PAGE_SIZE : (frame + 1) * PAGE_SIZE]
-            else:
-                try:
-                    data = self._decompress(raw)
-                except Exception as exc:  # a corrupt page must never pass as data
-                    raise TmemError(f"stored page failed to decompress: {exc}") from exc
+            try:
+                if pampd & 1:
+                    stored = self._size1[frame]
+                    start = (frame + 1) * PAGE_SIZE - ((stored + CHUNK_SIZE - 1) & -CHUNK_SIZE)
+                    data = self._decompress(self._mm[start + HANDLE_SIZE : start + stored])
+                else:
+                    stored = self._size0[frame]
+                    start = frame * PAGE_SIZE
+                    if stored == PAGE_SIZE:  # a huge page: kept raw
+                        data = self._mm[start : start + PAGE_SIZE]
+                    else:
+                        data = self._decompress(self._mm[start + HANDLE_SIZE : start + stored])
+            except Exception as exc:  # a corrupt page must never pass as data
+                raise TmemError(f"stored page failed to decompress: {exc}") from exc
         else:
             data = (-1 - pampd).to_bytes(8, "little") * (PAGE_SIZE // 8)
         if free or not pool.persistent:
@@ -560,7 +546,6 @@ class Zcache:
             if not pages:
                 del objects[oid]
             self.free(pool, oid, index, pampd)
-        self.succ_gets += 1
         return data
 
     def get_many(
@@ -719,7 +704,7 @@ class Zcache:
             return PutResult.POOR_COMPRESSION
         cls = PERS if pool.persistent else EPH
         handle = (oid[0], oid[1], oid[2], index, pool.pool_id, pool.client)
-        pampd = self.zbud.match(cls, handle, bytes(data))
+        pampd = self.zbud.store(cls, handle, bytes(data), self._free_frames)
         if pampd < 0:
             frame = self._take_frame(pool.persistent)
             if frame < 0:
@@ -842,9 +827,6 @@ class Zcache:
             "outstanding_writeback_pages": 0,
             "writtenback_pages": self.writtenback_pages,
             "writeback_failed": self.writeback_failed,
-            "pageframes_alloced": self.pageframes_alloced,
-            "pageframes_freed": self.pageframes_freed,
-            "succ_gets": self.succ_gets,
             "failed_gets": self.failed_gets,
             "remote_eph_pages": self.remote_pages[EPH],
             "remote_pers_pages": self.remote_pages[PERS],

@@ -1,0 +1,274 @@
+"""The public Zcache API as users call it: puts, gets, flushes, pools, errors."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+import tmem
+from tmem import PutResult, Zcache
+
+PAGE = 4096
+
+
+def incompressible(seed: int) -> bytes:
+    return random.Random(seed).randbytes(PAGE)
+
+
+def test_put_get_roundtrip_persistent(anon_pages: list[bytes]) -> None:
+    zc = Zcache(memory="4MiB")
+    pool = zc.new_pool(persistent=True)
+    stored = {i: p for i, p in enumerate(anon_pages[:300]) if zc.put(pool, (1, 2, 3), i, p)}
+    assert len(stored) > 250
+    for i, page in stored.items():
+        assert zc.get(pool, (1, 2, 3), i) == page
+        assert zc.get(pool, (1, 2, 3), i) == page  # persistent gets keep the page
+    assert zc.get(pool, (1, 2, 3), 10_000) is None
+
+
+def test_ephemeral_get_is_exclusive(file_pages: list[bytes]) -> None:
+    zc = Zcache(memory="1MiB")
+    pool = zc.new_pool()
+    page = next(p for p in file_pages if zc.put(pool, (9, 0, 0), 1, p))
+    assert zc.get(pool, (9, 0, 0), 1) == page
+    assert zc.get(pool, (9, 0, 0), 1) is None
+    assert zc.stats()["eph_zpages"] == 0
+
+
+def test_persistent_get_with_free_removes(anon_pages: list[bytes]) -> None:
+    zc = Zcache(memory="1MiB")
+    pool = zc.new_pool(persistent=True)
+    assert zc.put(pool, (0, 0, 1), 5, anon_pages[0])
+    assert zc.get(pool, (0, 0, 1), 5, free=True) == anon_pages[0]
+    assert zc.get(pool, (0, 0, 1), 5) is None
+    assert zc.frames_used == 0
+
+
+def test_duplicate_put_replaces_and_frees_old(anon_pages: list[bytes]) -> None:
+    zc = Zcache(memory="1MiB")
+    pool = zc.new_pool(persistent=True)
+    assert zc.put(pool, (1, 1, 1), 0, anon_pages[0])
+    assert zc.put(pool, (1, 1, 1), 0, anon_pages[1])
+    assert zc.get(pool, (1, 1, 1), 0) == anon_pages[1]
+    assert zc.stats()["pers_zpages"] == 1
+
+
+def test_failed_put_leaves_no_stale_copy(anon_pages: list[bytes]) -> None:
+    zc = Zcache(memory="1MiB")
+    pool = zc.new_pool(persistent=True)
+    assert zc.put(pool, (1, 1, 1), 0, anon_pages[0])
+    assert zc.put_status(pool, (1, 1, 1), 0, incompressible(1)) is PutResult.POOR_COMPRESSION
+    assert zc.get(pool, (1, 1, 1), 0) is None
+    assert zc.stats()["compress_poor"] == 1
+
+
+def test_failed_put_for_lack_of_memory_leaves_no_stale_copy(anon_pages: list[bytes]) -> None:
+    zc = Zcache(memory=2 * PAGE)
+    pool = zc.new_pool(persistent=True)
+    accepted = [i for i in range(40) if zc.put(pool, (0, 0, 0), i, anon_pages[i])]
+    assert 2 <= len(accepted) <= 4
+    victim = accepted[0]
+    # the budget is full: a new version of an existing page cannot be stored...
+    status = zc.put_status(pool, (0, 0, 0), victim, anon_pages[100])
+    if status is not PutResult.STORED:
+        assert status is PutResult.NO_MEMORY
+        # ...and the old version must not be returned any more
+        assert zc.get(pool, (0, 0, 0), victim) is None
+    assert zc.frames_used <= 2
+
+
+def test_zero_and_same_filled_pages_use_no_frame() -> None:
+    zc = Zcache(memory="1MiB")
+    pool = zc.new_pool(persistent=True)
+    zero = bytes(PAGE)
+    pattern = b"\x01\x02\x03\x04\x05\x06\x07\x08" * (PAGE // 8)
+    assert zc.put(pool, (0, 0, 0), 0, zero)
+    assert zc.put(pool, (0, 0, 0), 1, pattern)
+    assert zc.frames_used == 0
+    assert zc.get(pool, (0, 0, 0), 0) == zero
+    assert zc.get(pool, (0, 0, 0), 1) == pattern
+    stats = zc.stats()
+    assert stats["zero_filled_pages"] == 1
+    assert stats["same_filled_pages"] == 2
+    assert zc.flush_page(pool, (0, 0, 0), 0)
+    assert zc.stats()["zero_filled_pages"] == 0
+
+
+@pytest.mark.parametrize("name", ["lz4", "lzo", "zstd", "zstd-3"])
+def test_each_compressor_roundtrips(name: str, anon_pages: list[bytes]) -> None:
+    zc = Zcache(memory="2MiB", compressor=name)
+    pool = zc.new_pool(persistent=True)
+    stored = [i for i in range(64) if zc.put(pool, (0, 0, 7), i, anon_pages[i])]
+    assert len(stored) > 40
+    for i in stored:
+        assert zc.get(pool, (0, 0, 7), i) == anon_pages[i]
+
+
+def test_flush_object_and_destroy_pool(anon_pages: list[bytes]) -> None:
+    zc = Zcache(memory="2MiB")
+    pool = zc.new_pool(persistent=True)
+    for i in range(20):
+        zc.put(pool, (5, 0, 0), i, anon_pages[i])
+        zc.put(pool, (6, 0, 0), i, anon_pages[i])
+    n5 = zc.pool_pages(pool) // 2
+    assert zc.flush_object(pool, (5, 0, 0)) == n5
+    assert zc.flush_object(pool, (5, 0, 0)) == 0
+    assert zc.get(pool, (5, 0, 0), 1) is None
+    remaining = zc.pool_pages(pool)
+    assert zc.destroy_pool(pool) == remaining
+    assert zc.frames_used == 0
+    with pytest.raises(tmem.UnknownPoolError):
+        zc.get(pool, (6, 0, 0), 1)
+
+
+def test_shared_pools_by_uuid(file_pages: list[bytes]) -> None:
+    zc = Zcache(memory="1MiB")
+    uuid = bytes(range(16))
+    a = zc.new_pool(shared=True, uuid=uuid)
+    b = zc.new_pool(shared=True, uuid=uuid)
+    c = zc.new_pool(shared=True, uuid=bytes(16))
+    assert a == b != c
+    assert zc.put(a, (1, 0, 0), 0, file_pages[3])
+    assert zc.get(b, (1, 0, 0), 0) == file_pages[3]
+    zc.destroy_pool(a)  # one user left: still there
+    assert zc.has_pool(b)
+    zc.destroy_pool(b)
+    assert not zc.has_pool(b)
+
+
+def test_pool_limit() -> None:
+    zc = Zcache(memory="64KiB")
+    ids = [zc.new_pool() for _ in range(16)]
+    assert ids == list(range(16))
+    with pytest.raises(tmem.PoolLimitError):
+        zc.new_pool()
+    zc.destroy_pool(3)
+    assert zc.new_pool(persistent=True) == 3
+
+
+@pytest.mark.parametrize(
+    ("oid", "index"),
+    [
+        ((1, 2), 0),
+        ((1, 2, 3, 4), 0),
+        ((-1, 0, 0), 0),
+        ((1 << 64, 0, 0), 0),
+        (("a", 0, 0), 0),
+        ([1, 2, 3], 0),
+        ((1, 2, 3), -1),
+        ((1, 2, 3), 1 << 32),
+        ((1, 2, 3), 1.5),
+        (((1 << 64) - 1,) * 3, 0),
+    ],
+)
+def test_bad_handles_raise_and_change_nothing(oid: object, index: object) -> None:
+    zc = Zcache(memory="64KiB")
+    pool = zc.new_pool(persistent=True)
+    assert zc.put(pool, (1, 2, 3), 0, b"a" * PAGE)
+    before = zc.stats()
+    for call in (
+        lambda: zc.put(pool, oid, index, b"b" * PAGE),  # type: ignore[arg-type]
+        lambda: zc.get(pool, oid, index),  # type: ignore[arg-type]
+        lambda: zc.flush_page(pool, oid, index),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(tmem.InvalidHandleError):
+            call()
+    assert zc.get(pool, (1, 2, 3), 0) == b"a" * PAGE
+    after = zc.stats()
+    assert after["pers_zpages"] == before["pers_zpages"]
+
+
+@pytest.mark.parametrize(
+    "page",
+    [b"", b"x" * 4095, b"x" * 4097, "x" * 4096, None, 7],
+    ids=["empty", "short", "long", "str", "none", "int"],
+)
+def test_wrong_page_size_raises(page: object) -> None:
+    zc = Zcache(memory="64KiB")
+    pool = zc.new_pool(persistent=True)
+    with pytest.raises(tmem.PageSizeError):
+        zc.put(pool, (1, 2, 3), 0, page)  # type: ignore[arg-type]
+    assert zc.stats()["stored_pages"] == 0
+
+
+def test_bytes_like_pages_accepted(anon_pages: list[bytes]) -> None:
+    zc = Zcache(memory="64KiB")
+    pool = zc.new_pool(persistent=True)
+    assert zc.put(pool, (1, 2, 3), 0, bytearray(anon_pages[0]))
+    assert zc.put(pool, (1, 2, 3), 1, memoryview(anon_pages[1]))
+    assert zc.get(pool, (1, 2, 3), 0) == anon_pages[0]
+    assert zc.get(pool, (1, 2, 3), 1) == anon_pages[1]
+
+
+@pytest.mark.parametrize("pool_id", [-1, 16, 99, "0", None, 1.0])
+def test_unknown_pool_raises(pool_id: object) -> None:
+    zc = Zcache(memory="64KiB")
+    zc.new_pool()
+    zc.new_pool()
+    for call in (
+        lambda: zc.put(pool_id, (1, 2, 3), 0, b"x" * PAGE),  # type: ignore[arg-type]
+        lambda: zc.get(pool_id, (1, 2, 3), 0),  # type: ignore[arg-type]
+        lambda: zc.flush_page(pool_id, (1, 2, 3), 0),  # type: ignore[arg-type]
+        lambda: zc.flush_object(pool_id, (1, 2, 3)),  # type: ignore[arg-type]
+        lambda: zc.destroy_pool(pool_id),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(tmem.UnknownPoolError):
+            call()
+
+
+@pytest.mark.parametrize("memory", ["0", "100", "lots", -5, "1 parsec"])
+def test_bad_memory_budget(memory: object) -> None:
+    with pytest.raises(tmem.ConfigError):
+        Zcache(memory=memory)  # type: ignore[arg-type]
+
+
+def test_unknown_compressor() -> None:
+    with pytest.raises(tmem.ConfigError):
+        Zcache(memory="1MiB", compressor="snappy")
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("64MiB", 64 << 20),
+        ("1G", 1 << 30),
+        ("4096", 4096),
+        ("1.5m", 1536 << 10),
+        ("2 GB", 2 * 10**9),
+    ],
+)
+def test_sizes(text: str, value: int) -> None:
+    assert tmem.parse_size(text) == value
+    assert Zcache(memory=text, prefault=False).frames_total == value // PAGE
+
+
+def test_put_many_and_get_many(anon_pages: list[bytes]) -> None:
+    zc = Zcache(memory="2MiB")
+    pool = zc.new_pool(persistent=True)
+    items = [((0, 0, i & 7), i >> 3, anon_pages[i]) for i in range(100)]
+    results = zc.put_many(pool, items)
+    pages = zc.get_many(pool, [(oid, index) for oid, index, _ in items])
+    for ok, page, (_, _, original) in zip(results, pages, items, strict=True):
+        assert page == (original if ok else None)
+
+
+def test_ramster_free_paths_do_not_load_cluster_code() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tmem; zc = tmem.Zcache(memory='1MiB'); p = zc.new_pool(persistent=True);"
+        "zc.put(p, (1,2,3), 0, b'x'*4096); zc.get(p, (1,2,3), 0); zc.stats();"
+        "tmem.Frontswap(zc); tmem.Cleancache(zc);"
+        "print(sorted(m for m in sys.modules if m.startswith('tmem.ramster') or m == 'tmem.nbd'))"
+    )
+    import os
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert out.stdout.strip() == "[]"
