@@ -51,8 +51,11 @@ def write_cluster(
 class NodeProc:
     """One `tmem cluster serve` process and its control socket."""
 
-    def __init__(self, cluster: Path, name: str, memory: str, workdir: Path) -> None:
+    def __init__(
+        self, cluster: Path, name: str, memory: str, workdir: Path, extra: tuple[str, ...] = ()
+    ) -> None:
         self.cluster, self.name, self.memory, self.workdir = cluster, name, memory, workdir
+        self.extra = extra
         self.control = workdir / f"{name}.ctl"
         self.log = workdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -77,6 +80,7 @@ class NodeProc:
                 "--control",
                 str(self.control),
                 "-v",
+                *self.extra,
             ],
             env=env,
             stdout=subprocess.DEVNULL,

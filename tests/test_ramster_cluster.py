@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ramster_helpers import NodeProc, peer_state, running, wait_for, write_cluster
+from ramster_helpers import (
+    SRC,
+    NodeProc,
+    free_port,
+    peer_state,
+    running,
+    wait_for,
+    write_cluster,
+)
 
 HOSTS = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
 TIMING = {
@@ -188,7 +200,11 @@ def test_node_with_wrong_secret_cannot_join(tmp_path: Path) -> None:
     addrs = write_cluster(cf, [*HOSTS[:2], "127.0.0.3"], replicas=1, **TIMING)
     bad = tmp_path / "bad.toml"
     bad.write_text(cf.read_text().replace("lab-secret-0123456789", "not-the-secret-000"))
-    good = [NodeProc(cf, "n1", "4MiB", tmp_path), NodeProc(cf, "n2", "4MiB", tmp_path)]
+    mport = free_port("127.0.0.1")
+    good = [
+        NodeProc(cf, "n1", "4MiB", tmp_path, extra=("--metrics", f"127.0.0.1:{mport}")),
+        NodeProc(cf, "n2", "4MiB", tmp_path),
+    ]
     intruder = NodeProc(cf, "n3", "4MiB", tmp_path)
     with running(good):
         wait_for(lambda: all(n.call("stats")["peers_up"] == 1 for n in good))
@@ -207,9 +223,68 @@ def test_node_with_wrong_secret_cannot_join(tmp_path: Path) -> None:
                 assert peer_state(s, "n3") == "unknown"
                 assert s["peers_up"] == 1
             assert intruder.call("stats")["peers_up"] == 0
-            # Pages still flow between the two good nodes only.
             s = good[0].call("stats")
             assert s["peers_connected"] == 1
+            # The same counters on /metrics.
+            with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:
+                text = r.read().decode()
+            assert "tmem_ramster_handshake_failures" in text
+            assert 'tmem_ramster_peer_up{peer="n2"} 1.0' in text
+            assert 'tmem_ramster_peer_up{peer="n3"} 0.0' in text
+            assert "tmem_ramster_pers_pages_remoted" in text
         finally:
             intruder.stop()
     assert addrs["n3"][0] == "127.0.0.3"
+
+
+def test_nodes_join_and_leave_a_running_cluster_on_reload(tmp_path: Path) -> None:
+    cf = tmp_path / "lab.toml"
+    write_cluster(cf, HOSTS[:2], replicas=1, **TIMING)
+    nodes = [NodeProc(cf, "n1", "4MiB", tmp_path), NodeProc(cf, "n2", "4MiB", tmp_path)]
+    n3 = NodeProc(cf, "n3", "4MiB", tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    tmem = [sys.executable, "-m", "tmem", "cluster"]
+    with running(nodes):
+        wait_for(lambda: _all_up(nodes))
+        port = free_port("127.0.0.3")
+        subprocess.run(
+            [
+                *tmem,
+                "add-node",
+                str(cf),
+                "--name",
+                "n3",
+                "--number",
+                "3",
+                "--address",
+                f"127.0.0.3:{port}",
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        for n in nodes:
+            assert n.proc is not None
+            n.proc.send_signal(signal.SIGHUP)
+        n3.start()
+        try:
+            wait_for(lambda: _all_up([*nodes, n3]), timeout=15)
+            subprocess.run(
+                [*tmem, "remove-node", str(cf), "--name", "n3"],
+                env=env,
+                check=True,
+                capture_output=True,
+            )
+            for n in nodes:
+                assert n.proc is not None
+                n.proc.send_signal(signal.SIGHUP)
+            wait_for(
+                lambda: all(
+                    n.call("stats")["peers_configured"] == 1 and n.call("stats")["peers_up"] == 1
+                    for n in nodes
+                ),
+                timeout=10,
+            )
+            assert all(p["node"] != "n3" for p in nodes[0].call("stats")["peers"])
+        finally:
+            n3.stop()

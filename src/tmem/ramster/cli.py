@@ -38,6 +38,7 @@ def cluster() -> None:
 @click.option("--compressor", default="lz4", show_default=True)
 @click.option("--huge-pages", is_flag=True, help="Keep incompressible persistent pages raw.")
 @click.option("--control", default=None, type=click.Path(), help="Unix socket of the control API.")
+@click.option("--metrics", default=None, help="HOST:PORT for a Prometheus /metrics endpoint.")
 @click.option("-v", "--verbose", count=True)
 def serve_cmd(
     cluster_file: str,
@@ -47,6 +48,7 @@ def serve_cmd(
     compressor: str,
     huge_pages: bool,
     control: str | None,
+    metrics: str | None,
     verbose: int,
 ) -> None:
     """Run one cluster node until SIGTERM (SIGHUP reloads the cluster file)."""
@@ -65,6 +67,7 @@ def serve_cmd(
             huge_pages=huge_pages,
             listen=_hostport(listen) if listen else None,
             control=control,
+            metrics=_hostport(metrics) if metrics else None,
         )
     except TmemError as exc:
         raise click.ClickException(str(exc)) from None

@@ -75,8 +75,11 @@ class Node:
         huge_pages: bool = False,
         listen: tuple[str, int] | None = None,
         control: str | Path | None = None,
+        metrics: tuple[str, int] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.metrics_addr = metrics
+        self._metrics_server: asyncio.Server | None = None
         self.spec: NodeSpec = cfg.node(name)
         if listen is not None:
             self.spec = replace(self.spec, host=listen[0], port=listen[1])
@@ -194,6 +197,10 @@ class Node:
             self._control_server = await asyncio.start_unix_server(
                 self._control_client, str(self.control_path)
             )
+        if self.metrics_addr is not None:
+            self._metrics_server = await asyncio.start_server(
+                self._metrics_client, self.metrics_addr[0], self.metrics_addr[1]
+            )
         self._tasks = [
             asyncio.ensure_future(self._heartbeat_loop()),
             asyncio.ensure_future(self._worker_loop()),
@@ -213,8 +220,9 @@ class Node:
         for t in self._tasks:
             with contextlib.suppress(BaseException):
                 await t
-        if self._control_server is not None:
-            self._control_server.close()
+        for server in (self._control_server, self._metrics_server):
+            if server is not None:
+                server.close()
         await self.transport.stop()
         if self.control_path is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -282,6 +290,63 @@ class Node:
             peers.append(row)
         s["peers"] = peers
         return s
+
+    def metrics_text(self) -> bytes:
+        """Prometheus exposition of :meth:`stats` (counters, gauges, per-peer state)."""
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.core import GaugeMetricFamily
+
+        stats = self.stats()
+
+        class _Collector:
+            def collect(self) -> Any:
+                for k, v in sorted(stats.items()):
+                    if isinstance(v, bool) or not isinstance(v, int | float):
+                        continue
+                    yield GaugeMetricFamily(f"tmem_ramster_{k}", k, value=v)
+                up = GaugeMetricFamily(
+                    "tmem_ramster_peer_up", "1 if the peer is up", labels=["peer"]
+                )
+                free = GaugeMetricFamily(
+                    "tmem_ramster_peer_free_frames", "advertised free frames", labels=["peer"]
+                )
+                conn = GaugeMetricFamily(
+                    "tmem_ramster_peer_connected", "1 if connected", labels=["peer"]
+                )
+                for p in stats["peers"]:
+                    name = str(p["node"])
+                    up.add_metric([name], 1.0 if p["state"] == "up" else 0.0)
+                    free.add_metric([name], float(p["free_frames"]))
+                    conn.add_metric([name], 1.0 if p.get("connected") else 0.0)
+                yield up
+                yield free
+                yield conn
+
+        reg = CollectorRegistry()
+        reg.register(_Collector())
+        out: bytes = generate_latest(reg)
+        return out
+
+    async def _metrics_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """A minimal HTTP/1.0 responder: GET /metrics, answered on the event loop."""
+        try:
+            async with asyncio.timeout(5):
+                request = await reader.readuntil(b"\r\n\r\n")
+            line = request.split(b"\r\n", 1)[0].split()
+            if len(line) >= 2 and line[0] == b"GET" and line[1].split(b"?")[0] == b"/metrics":
+                body = self.metrics_text()
+                head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+            else:
+                body = b"not found\n"
+                head = b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n"
+            writer.write(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+            pass
+        finally:
+            writer.close()
 
     # ---------------------------------------------------------- control API
     async def _control_client(
@@ -416,6 +481,7 @@ def serve_node(
     huge_pages: bool = False,
     listen: tuple[str, int] | None = None,
     control: str | Path | None = None,
+    metrics: tuple[str, int] | None = None,
 ) -> None:
     """Build a node from its cluster file and run it (the ``tmem serve --cluster`` body)."""
     cfg = load_config(cluster)
@@ -427,6 +493,7 @@ def serve_node(
         huge_pages=huge_pages,
         listen=listen,
         control=control,
+        metrics=metrics,
     )
     asyncio.run(node.run())
 
