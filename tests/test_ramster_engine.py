@@ -238,3 +238,53 @@ def test_unknown_local_pool_is_a_clear_error() -> None:
         run(a.put(5, OID, 0, bytes(4096)))
     with pytest.raises(UnknownPoolError):
         a.flush_page(5, OID, 0)
+
+
+def test_repatriation_pulls_remote_pages_home_when_memory_frees() -> None:
+    async def main() -> None:
+        f = Fabric()
+        a, b = make(f, 1, "256KiB", replicas=1), make(f, 2, "4MiB", replicas=1)
+        pool = a.new_pool(persistent=True)
+        keep = pages(120, seed=10)
+        for i, p in enumerate(keep):
+            assert await a.put(pool, OID, i, p)
+        remote_before = a.c.remote_pers_pages
+        assert remote_before > 0
+        local = list(a.lru)
+        for _pool, oid, index in local:  # free local memory
+            assert a.flush_page(pool, oid, index)
+        assert a.zc.frames_free > a.high_frames
+        moved = await a.repatriate(limit=1000)
+        assert moved > 0 and a.c.pers_pages_repatriated == moved
+        assert a.c.remote_pers_pages == remote_before - moved
+        await a.drain_flushes()
+        assert b.c.foreign_pers_pages == a.c.remote_pers_pages
+        gone = {k[2] for k in local}
+        for i, p in enumerate(keep):
+            assert await a.get(pool, OID, i) == (None if i in gone else p)
+
+    run(main())
+
+
+def test_flush_object_and_destroy_pool_reach_the_peers() -> None:
+    async def main() -> None:
+        f = Fabric()
+        a, b = make(f, 1, "4MiB", replicas=1), make(f, 2, "4MiB", replicas=1)
+        pool = a.new_pool(persistent=True)
+        x, y = (1, 1, 1), (2, 2, 2)
+        ps = pages(20, seed=12)
+        for i, p in enumerate(ps):
+            assert await a.put(pool, x if i < 10 else y, i, p)
+        assert await a.remotify_once(100) == 20
+        assert b.c.foreign_pers_pages == 20
+        assert a.flush_object(pool, x) == 10
+        await a.drain_flushes()
+        assert b.stats()["foreign_pers_pages"] == 10
+        assert a.c.remote_objects_flushed == 1
+        assert await a.get(pool, x, 0) is None and await a.get(pool, y, 10) == ps[10]
+        assert a.destroy_pool(pool) == 10
+        await a.drain_flushes()
+        assert b.stats()["foreign_pers_pages"] == 0 and not b.foreign
+        assert a.c.remote_pers_pages == 0
+
+    run(main())
