@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -286,5 +287,15 @@ def test_nodes_join_and_leave_a_running_cluster_on_reload(tmp_path: Path) -> Non
                 timeout=10,
             )
             assert all(p["node"] != "n3" for p in nodes[0].call("stats")["peers"])
+            out = subprocess.run(
+                [*tmem, "stats", "--control", str(nodes[0].control), "--json"],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            js = json.loads(out.stdout)
+            assert js["node"] == "n1" and js["peers_up"] == 1
+            assert {p["node"]: p["state"] for p in js["peers"]} == {"n2": "up"}
         finally:
             n3.stop()
