@@ -250,7 +250,7 @@ def test_repatriation_pulls_remote_pages_home_when_memory_frees() -> None:
             assert await a.put(pool, OID, i, p)
         remote_before = a.c.remote_pers_pages
         assert remote_before > 0
-        local = list(a.lru)
+        local = [(pool, OID, i) for i in range(len(keep)) if (pool, OID, i) not in a.remote]
         for _pool, oid, index in local:  # free local memory
             assert a.flush_page(pool, oid, index)
         assert a.zc.frames_free > a.high_frames

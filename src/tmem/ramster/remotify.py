@@ -17,28 +17,35 @@ How it differs from the kernel (reference section 5), on purpose:
 * Flushes of remote pages are queued per peer and always sent before the next
   put batch to that peer, on the same ordered connection, so a flush can never
   overtake (or be overtaken by) a later put of the same handle.  A put of a
-  handle whose remotify is in flight invalidates that remotify (generation
-  check), and the stale remote copies are flushed.
+  handle whose remotify is in flight wins (``replace`` refuses the stale
+  zombie), and the stale remote copies are flushed.
 
-Local bookkeeping uses the public Zcache API (put/get/flush with ``client=``):
-the engine keeps its own LRU of local handles (put order) and its own map of
-remote handles, so tmem never holds a pampd it cannot serve itself.  Pages
-travel in their stored form (``get_compressed`` -> wire -> ``put_compressed``):
-no recompression on the receiver, and re-replication forwards bytes as they
-are; only the owner decompresses, when it reads a remote page.
+The local side is the kernel's design on the Zcache hooks: the worker takes
+whole LRU frames with ``Zcache.zombify_lru``, sends their still-compressed
+pages, and swaps each handle's pampd for a :class:`RemoteEntry` with
+``Zcache.replace(..., expected=zombie)`` (a newer put or flush meanwhile wins).
+``Zcache.get`` raises ``RemotePageError`` for such a handle and the engine fetches
+it; when tmem drops one (flush, newer put, object flush, pool destroy) zcache
+calls :meth:`PageEngine.on_free`, which queues the remote flush.  Frames holding
+a foreign page go back to the LRU untouched (``unzombify``), as do pages no peer
+took.  Pages travel in their stored form (``get_compressed``/``zombify_lru`` ->
+wire -> ``put_compressed``): no recompression on the receiver, re-replication
+forwards bytes as they are; only the owner decompresses, when it reads a
+remote page.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from tmem.compress import PAGE_SIZE
-from tmem.errors import TmemError, UnknownPoolError
-from tmem.zcache import LOCAL_CLIENT, Oid, PutResult, Zcache
+from tmem.errors import RemotePageError, TmemError, UnknownPoolError
+from tmem.zcache import LOCAL_CLIENT, Oid, PutResult, Zcache, ZombiePage
 
 from .policy import TargetPolicy
 
@@ -163,42 +170,38 @@ class PageEngine:
         self.c = Counters()
         # local pools of the node's own client: pool_id -> persistent
         self.pools: dict[int, bool] = {}
-        # LRU of local pages (oldest first); value: generation at last change
-        self.lru: dict[Key, int] = {}
+        # Every remote pampd installed in zcache, by handle (for re-replication).
         self.remote: dict[Key, RemoteEntry] = {}
         self.under: dict[Key, None] = {}  # persistent entries with < replicas copies
-        self.gen = 0
         self.peer_errors = 0  # failed sends; a change means the live set may differ
         self.outbox: dict[int, _PeerOutbox] = {}
         self.send_lock = asyncio.Lock()
+        # A flush_object/destroy_pool in progress: (pool, oid or None, holders seen).
+        self._bulk: tuple[int, Oid | None, set[int]] | None = None
         # foreign pools: (client, pool_id) -> persistent
         self.foreign: dict[tuple[int, int], bool] = {}
+        zcache.remote_hooks = self
 
     # ------------------------------------------------------------------ helpers
-    def _bump(self) -> int:
-        self.gen += 1
-        return self.gen
-
     def _persistent(self, pool_id: int) -> bool:
         try:
             return self.pools[pool_id]
         except (KeyError, TypeError):
             raise UnknownPoolError(f"no pool {pool_id!r}") from None
 
-    def _forget_remote(self, key: Key) -> None:
-        """Drop the remote copies of ``key`` (queue flushes to their holders)."""
-        entry = self.remote.pop(key, None)
-        if entry is None:
-            return
-        self.under.pop(key, None)
-        if entry.persistent:
-            self.c.remote_pers_pages -= 1
-        else:
-            self.c.remote_eph_pages -= 1
-        for node in entry.nodes:
-            self.outbox.setdefault(node, _PeerOutbox()).flush_pages[key] = None
+    def _queue_flush(self, node: int, key: Key) -> None:
+        self.outbox.setdefault(node, _PeerOutbox()).flush_pages[key] = None
 
-    def _set_remote(self, key: Key, entry: RemoteEntry) -> None:
+    def _unregister(self, key: Key, entry: RemoteEntry) -> None:
+        if self.remote.get(key) is entry:
+            del self.remote[key]
+            self.under.pop(key, None)
+            if entry.persistent:
+                self.c.remote_pers_pages -= 1
+            else:
+                self.c.remote_eph_pages -= 1
+
+    def _register(self, key: Key, entry: RemoteEntry) -> None:
         self.remote[key] = entry
         if entry.persistent:
             self.c.remote_pers_pages += 1
@@ -206,6 +209,25 @@ class PageEngine:
                 self.under[key] = None
         else:
             self.c.remote_eph_pages += 1
+
+    def on_free(
+        self, client: int, pool_id: int, oid: Oid | None, index: int, pampd: object
+    ) -> None:
+        """RemoteHooks: tmem dropped a remote pampd (flush, newer put, object/pool flush).
+
+        Nothing is sent from here (we may be inside a zcache call): the flush is
+        queued per holder and sent by the worker before its next put to that peer.
+        """
+        if client != LOCAL_CLIENT or oid is None or not isinstance(pampd, RemoteEntry):
+            return
+        key = (pool_id, oid, index)
+        self._unregister(key, pampd)
+        bulk = self._bulk
+        if bulk is not None and bulk[0] == pool_id and bulk[1] in (None, oid):
+            bulk[2].update(pampd.nodes)  # one object/pool flush per holder instead
+            return
+        for node in pampd.nodes:
+            self._queue_flush(node, key)
 
     def room(self) -> int:
         """Frames this node offers to peers: free frames above its own reserve."""
@@ -218,17 +240,18 @@ class PageEngine:
         return pool_id
 
     async def put(self, pool_id: int, oid: Oid, index: int, page: bytes) -> bool:
-        """Store a page; if RAM is full, hold the write while pages are remotified."""
+        """Store a page; if RAM is full, hold the write while pages are remotified.
+
+        A newer put of a remote handle drops the remote pampd in zcache, whose
+        hook queues the flush of the old remote copies (ordered before any later
+        put of the same handle to the same peer).
+        """
         self._persistent(pool_id)
-        key = (pool_id, oid, index)
-        self._forget_remote(key)
-        self.lru.pop(key, None)
         held = False
         retries = 0
         while True:
             status = self.zc.put_status(pool_id, oid, index, page)
             if status is PutResult.STORED:
-                self.lru[key] = self._bump()
                 return True
             if status is not PutResult.NO_MEMORY:
                 return False
@@ -254,18 +277,20 @@ class PageEngine:
         persistent = self._persistent(pool_id)
         if free is None:
             free = not persistent
-        key = (pool_id, oid, index)
-        page = self.zc.get(pool_id, oid, index, free=free)
-        if page is not None:
-            if free:
-                self.lru.pop(key, None)
-            elif key in self.lru:
-                self.lru[key] = self.lru.pop(key)
-            return page
-        entry = self.remote.get(key)
-        if entry is None:
+        try:
+            return self.zc.get(pool_id, oid, index, free=free)
+        except RemotePageError as exc:
+            entry = exc.pampd
+        if not isinstance(entry, RemoteEntry):
             return None
-        return await self._remote_get(key, entry, free)
+        return await self._remote_get((pool_id, oid, index), entry, free)
+
+    def _current(self, key: Key, entry: RemoteEntry) -> bool:
+        """Does zcache still map ``key`` to ``entry`` (no flush or newer put meanwhile)?"""
+        try:
+            return self.zc.lookup(key[0], key[1], key[2]) is entry
+        except TmemError:
+            return False
 
     async def _remote_get(self, key: Key, entry: RemoteEntry, free: bool) -> bytes | None:
         live = self.live_peers()
@@ -281,7 +306,7 @@ class PageEngine:
                 blob, source = got[0], node
                 break
         page = None if blob is None else self._page(blob)
-        if self.remote.get(key) is not entry:
+        if not self._current(key, entry):
             # Flushed or rewritten while we waited: the fetched copy is the value
             # this get observed; the newer operation already owns the state.
             return page
@@ -290,7 +315,7 @@ class PageEngine:
                 self.c.remote_pers_pages_unsucc_get += 1
             else:
                 self.c.remote_eph_pages_unsucc_get += 1
-                self._forget_remote(key)
+                self._drop_entry(key, entry)
             return None
         if entry.persistent:
             self.c.remote_pers_pages_succ_get += 1
@@ -298,11 +323,18 @@ class PageEngine:
             self.c.remote_eph_pages_succ_get += 1
         if free:
             if source is not None and source in entry.nodes:
-                entry.nodes.remove(source)
-            self._forget_remote(key)
+                entry.nodes.remove(source)  # that copy is gone already (get-and-free)
+            self._drop_entry(key, entry)
         elif entry.persistent and self.zc.frames_free > self.high_frames:
             self._repatriate(key, blob)
         return page
+
+    def _drop_entry(self, key: Key, entry: RemoteEntry) -> None:
+        """Unmap a remote handle ourselves and flush its remaining copies."""
+        self.zc.remove_entry(key[0], key[1], key[2])  # no hook: we do the remote side
+        self._unregister(key, entry)
+        for node in entry.nodes:
+            self._queue_flush(node, key)
 
     def _page(self, blob: Blob) -> bytes:
         data, compressed = blob
@@ -310,65 +342,45 @@ class PageEngine:
 
     def _repatriate(self, key: Key, blob: Blob) -> bool:
         pool_id, oid, index = key
+        # The local put replaces the remote pampd; its hook queues the remote flushes.
         st = self.zc.put_compressed(pool_id, oid, index, blob[0], compressed=blob[1])
         if st is not PutResult.STORED:
             self.c.pers_pages_remote_nomem += 1
             return False
-        self._forget_remote(key)
-        self.lru[key] = self._bump()
         self.c.pers_pages_repatriated += 1
         return True
 
     def flush_page(self, pool_id: int, oid: Oid, index: int) -> bool:
         self._persistent(pool_id)
-        key = (pool_id, oid, index)
-        self.lru.pop(key, None)
-        was_remote = key in self.remote
-        self._forget_remote(key)
-        return self.zc.flush_page(pool_id, oid, index) or was_remote
+        return self.zc.flush_page(pool_id, oid, index)
 
     def flush_object(self, pool_id: int, oid: Oid) -> int:
         self._persistent(pool_id)
-        n = self.zc.flush_object(pool_id, oid)
-        gone = [k for k in self.lru if k[0] == pool_id and k[1] == oid]
-        for k in gone:
-            del self.lru[k]
-        remote = [k for k in self.remote if k[0] == pool_id and k[1] == oid]
         holders: set[int] = set()
-        for k in remote:
-            entry = self.remote.pop(k)
-            self.under.pop(k, None)
-            if entry.persistent:
-                self.c.remote_pers_pages -= 1
-            else:
-                self.c.remote_eph_pages -= 1
-            holders.update(entry.nodes)
+        self._bulk = (pool_id, oid, holders)
+        try:
+            n = self.zc.flush_object(pool_id, oid)
+        finally:
+            self._bulk = None
         for node in holders:
             self.outbox.setdefault(node, _PeerOutbox()).flush_objects[(pool_id, oid)] = None
-        return n + len(remote)
+        return n
 
     def destroy_pool(self, pool_id: int) -> int:
         self._persistent(pool_id)
-        n = self.zc.destroy_pool(pool_id)
-        del self.pools[pool_id]
-        for k in [k for k in self.lru if k[0] == pool_id]:
-            del self.lru[k]
-        remote = [k for k in self.remote if k[0] == pool_id]
         holders: set[int] = set()
-        for k in remote:
-            entry = self.remote.pop(k)
-            self.under.pop(k, None)
-            if entry.persistent:
-                self.c.remote_pers_pages -= 1
-            else:
-                self.c.remote_eph_pages -= 1
-            holders.update(entry.nodes)
+        self._bulk = (pool_id, None, holders)
+        try:
+            n = self.zc.destroy_pool(pool_id)
+        finally:
+            self._bulk = None
+        del self.pools[pool_id]
         for node in holders:
             box = self.outbox.setdefault(node, _PeerOutbox())
             box.flush_pages = {k: None for k in box.flush_pages if k[0] != pool_id}
             box.flush_objects = {o: None for o in box.flush_objects if o[0] != pool_id}
             box.destroy_pools[pool_id] = None
-        return n + len(remote)
+        return n
 
     # ------------------------------------------------------------ the worker
     async def drain_flushes(self) -> None:
@@ -403,27 +415,29 @@ class PageEngine:
                 self.c.remote_page_flushes_failed += len(box.flush_pages)
                 self.c.remote_object_flushes_failed += len(box.flush_objects)
 
-    def _victims(self, limit: int) -> list[tuple[Key, int, bool, Blob]]:
-        out: list[tuple[Key, int, bool, Blob]] = []
-        stale: list[Key] = []
-        for key, gen in self.lru.items():
-            if len(out) >= limit:
-                break
-            persistent = self.pools.get(key[0])
-            if persistent is None:
-                stale.append(key)
-                continue
-            if (persistent and not self.remotify_persistent) or (
-                not persistent and not self.remotify_ephemeral
-            ):
-                continue
-            blob = self.zc.get_compressed(key[0], key[1], key[2], free=False)
-            if blob is None:  # evicted by zcache itself (ephemeral)
-                stale.append(key)
-                continue
-            out.append((key, gen, persistent, (bytes(blob[0]), blob[1])))
-        for key in stale:
-            self.lru.pop(key, None)
+    def _victims(self, limit: int) -> list[ZombiePage]:
+        """Zombify LRU frames until ``limit`` local pages are collected.
+
+        Frames that hold a foreign page (or nothing we may move) go straight back
+        to the LRU: only the owner remotifies its pages.
+        """
+        out: list[ZombiePage] = []
+        classes = [
+            c
+            for c, on in ((True, self.remotify_persistent), (False, self.remotify_ephemeral))
+            if on
+        ]
+        for persistent in classes:
+            tries = 0
+            while len(out) < limit and tries < 4 * limit:
+                tries += 1
+                zps = self.zc.zombify_lru(persistent)
+                if not zps:
+                    break
+                if all(zp.client == LOCAL_CLIENT and zp.pool_id in self.pools for zp in zps):
+                    out.extend(zps)
+                else:
+                    self.zc.unzombify(zps[0])
         return out
 
     async def remotify_once(self, limit: int | None = None) -> int:
@@ -437,12 +451,14 @@ class PageEngine:
                 return 0
             moved = 0
             for persistent in (True, False):
-                group = [v for v in victims if v[2] is persistent]
+                group = [v for v in victims if v.persistent is persistent]
                 if group:
                     moved += await self._send_group(group, persistent)
+            for zp in victims:  # whatever was not replaced goes back to the LRU
+                self.zc.unzombify(zp)
             return moved
 
-    async def _send_group(self, group: list[tuple[Key, int, bool, Blob]], persistent: bool) -> int:
+    async def _send_group(self, group: list[ZombiePage], persistent: bool) -> int:
         live = self.live_peers()
         live.pop(self.node_number, None)
         want = self.replicas if persistent else 1
@@ -457,7 +473,7 @@ class PageEngine:
             else:
                 self.c.eph_pages_remote_failed += len(group)
             return 0
-        items = [(key, blob[0], blob[1]) for key, _gen, _p, blob in group]
+        items = [((zp.pool_id, zp.oid, zp.index), bytes(zp.data), zp.compressed) for zp in group]
         results = await asyncio.gather(
             *(self.peers.put_pages(t, persistent, items) for t in targets),
             return_exceptions=True,
@@ -473,24 +489,24 @@ class PageEngine:
                 if st == PutStatus.STORED:
                     accepted[i].append(target)
         moved = 0
-        for (key, gen, _p, _page), nodes in zip(group, accepted, strict=True):
-            if self.lru.get(key) != gen:
-                # Rewritten or flushed while in flight: the copies just sent are stale.
-                self.c.stale_remotify_discarded += 1
-                for node in nodes:
-                    self.outbox.setdefault(node, _PeerOutbox()).flush_pages[key] = None
-                continue
+        for zp, nodes in zip(group, accepted, strict=True):
+            key = (zp.pool_id, zp.oid, zp.index)
             if not nodes or len(nodes) < required:
                 for node in nodes:  # too few copies to be safe: undo the partial ones
-                    self.outbox.setdefault(node, _PeerOutbox()).flush_pages[key] = None
+                    self._queue_flush(node, key)
                 if persistent:
                     self.c.pers_pages_remote_failed += 1
                 else:
                     self.c.eph_pages_remote_failed += 1
                 continue
-            del self.lru[key]
-            self.zc.flush_page(key[0], key[1], key[2])
-            self._set_remote(key, RemoteEntry(nodes, persistent))
+            entry = RemoteEntry(nodes, persistent)
+            if not self.zc.replace(zp.pool_id, zp.oid, zp.index, entry, expected=zp):
+                # Rewritten or flushed while in flight: the copies just sent are stale.
+                self.c.stale_remotify_discarded += 1
+                for node in nodes:
+                    self._queue_flush(node, key)
+                continue
+            self._register(key, entry)
             if persistent:
                 self.c.pers_pages_remoted += 1
             else:
@@ -499,7 +515,7 @@ class PageEngine:
         return moved
 
     def need_remotify(self) -> bool:
-        return self.zc.frames_free < self.low_frames and bool(self.lru)
+        return self.zc.frames_free < self.low_frames
 
     async def repatriate(self, limit: int | None = None) -> int:
         """Pull persistent pages home while local memory is above the high watermark."""
@@ -517,7 +533,7 @@ class PageEngine:
                     got = await self.peers.get_pages(node, [key], False)
                 except PeerError:
                     continue
-                if self.remote.get(key) is not entry:
+                if not self._current(key, entry):
                     break
                 if got and got[0] is not None:
                     if self._repatriate(key, got[0]):
@@ -528,28 +544,26 @@ class PageEngine:
     # ------------------------------------------------------- node failure
     def node_lost(self, node: int, restarted: bool) -> None:
         """A peer went down or restarted: its copies no longer count."""
-        box = self.outbox.get(node)
-        if restarted and box is not None:
-            del self.outbox[node]  # its memory is empty: nothing to flush there
+        if restarted:
+            self.outbox.pop(node, None)  # its memory is empty: nothing to flush there
         for key, entry in list(self.remote.items()):
             if node not in entry.nodes:
                 continue
             entry.nodes.remove(node)
             if not restarted:
                 # If it comes back with the same memory, free what it still holds.
-                self.outbox.setdefault(node, _PeerOutbox()).flush_pages[key] = None
+                self._queue_flush(node, key)
             if entry.nodes:
                 if entry.persistent:
                     self.under[key] = None
                 continue
-            del self.remote[key]
-            self.under.pop(key, None)
+            with contextlib.suppress(TmemError):
+                self.zc.remove_entry(key[0], key[1], key[2])
+            self._unregister(key, entry)
             if entry.persistent:
-                self.c.remote_pers_pages -= 1
                 self.c.pers_pages_lost += 1
                 log.error("persistent page %r lost: no copy survives", key)
             else:
-                self.c.remote_eph_pages -= 1
                 self.c.eph_pages_lost += 1
         if restarted:
             self.drop_foreign(node)
@@ -593,7 +607,7 @@ class PageEngine:
                     except PeerError:
                         continue
                     if self.remote.get(key) is not entry:
-                        self.outbox.setdefault(t, _PeerOutbox()).flush_pages[key] = None
+                        self._queue_flush(t, key)
                         break
                     if st and st[0] == PutStatus.STORED:
                         entry.nodes.append(t)
@@ -738,7 +752,6 @@ class PageEngine:
             foreign_pers_pages_max=self.c.foreign_pers_pages_max,
         )
         s["pers_pages_under_replicated"] = len(self.under)
-        s["local_pages_tracked"] = len(self.lru)
         s["flushes_queued"] = sum(
             len(b.flush_pages) + len(b.flush_objects) for b in self.outbox.values()
         )
