@@ -445,8 +445,12 @@ class PageEngine:
         limit = self.batch if limit is None else limit
         async with self.send_lock:
             self.c.remotify_runs += 1
-            await self.drain_flushes()
+            # Victims first, then the drain: every remote flush that could concern a
+            # victim's handle was queued before it became a (local) zombie, so this
+            # drain sends it before the put below.  A flush queued later can only be
+            # for a handle that is remote now, never for a victim.
             victims = self._victims(limit)
+            await self.drain_flushes()
             if not victims:
                 return 0
             moved = 0
@@ -461,12 +465,16 @@ class PageEngine:
     async def _send_group(self, group: list[ZombiePage], persistent: bool) -> int:
         live = self.live_peers()
         live.pop(self.node_number, None)
+        # A peer whose flush queue did not drain could see a put before an older
+        # flush of the same handle: count it live (for ``required``) but send it
+        # nothing this round.
+        blocked = {n for n, box in self.outbox.items() if box and n in live}
         want = self.replicas if persistent else 1
         # A persistent page needs ``replicas`` copies on live peers.  Only when peers
         # are down (not merely full) do we accept fewer: the missing copies are then
         # re-made when nodes return, and a single death still loses nothing.
         required = min(want, len(live))
-        targets = self.policy.choose(live, want, exclude=(self.node_number,))
+        targets = self.policy.choose(live, want, exclude={self.node_number, *blocked})
         if not targets or len(targets) < required:
             if persistent:
                 self.c.pers_pages_remote_failed += len(group)
