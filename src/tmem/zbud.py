@@ -199,7 +199,18 @@ class Zbud:
 
     # ---- placement -------------------------------------------------------------------
 
-    def store(self, cls: int, handle: Handle, data: bytes, free_frames: array[int]) -> int:
+    def store(
+        self,
+        cls: int,
+        data: bytes,
+        free_frames: array[int],
+        oid0: int,
+        oid1: int,
+        oid2: int,
+        index: int,
+        pool_id: int,
+        client: int,
+    ) -> int:
         """Place ``data`` (len <= MAX_BUDDY_SIZE) and return its pampd, or -1.
 
         Best fit first: the fullest partial frame of ``cls`` with room. Otherwise a frame
@@ -246,7 +257,7 @@ class Zbud:
         else:
             return -1
         arena = self.arena
-        HANDLE.pack_into(arena, off, *handle)
+        HANDLE.pack_into(arena, off, oid0, oid1, oid2, index, pool_id, client)
         arena[off + HANDLE_SIZE : off + stored] = data
         seq = next(self._seq)
         self.stamp[frame] = seq  # adding a zbud makes the frame most recently used
@@ -262,7 +273,7 @@ class Zbud:
 
     def match(self, cls: int, handle: Handle, data: bytes) -> int:
         """Place ``data`` into the fullest partial frame of ``cls`` with room, or -1."""
-        return self.store(cls, handle, data, _NO_FRAMES)
+        return self.store(cls, data, _NO_FRAMES, *handle)
 
     def create(self, cls: int, frame: int, handle: Handle, data: bytes) -> int:
         """Start using the empty ``frame`` with ``data`` as buddy 0; return its pampd.
@@ -272,7 +283,7 @@ class Zbud:
         mask = self.unbuddied_mask[cls]
         self.unbuddied_mask[cls] = 0  # hide partial frames for this one placement
         try:
-            return self.store(cls, handle, data, array("i", (frame,)))
+            return self.store(cls, data, array("i", (frame,)), *handle)
         finally:
             self.unbuddied_mask[cls] |= mask
 

@@ -114,6 +114,38 @@ class RemoteHooks(Protocol):
     ) -> None: ...
 
 
+@dataclass(slots=True)
+class ZcacheCounters:
+    """zcache's event counters (kernel debugfs names, section 4.11, where they exist).
+
+    Kept off the Zcache instance so its attributes stay few enough for CPython's fast
+    attribute access on the put/get paths.
+    """
+
+    flush_total: int = 0
+    flush_found: int = 0
+    flobj_total: int = 0
+    flobj_found: int = 0
+    failed_eph_puts: int = 0
+    failed_pers_puts: int = 0
+    failed_getfreepages: int = 0
+    compress_poor: int = 0
+    mean_compress_poor: int = 0
+    eph_ate_tail: int = 0
+    eph_ate_tail_failed: int = 0
+    pers_ate_eph: int = 0
+    pers_ate_eph_failed: int = 0
+    evicted_eph_zpages: int = 0
+    evicted_eph_pageframes: int = 0
+    zero_filled_pages: int = 0
+    zero_filled_pages_max: int = 0
+    same_filled_pages_total: int = 0
+    huge_pages_stored: int = 0
+    writtenback_pages: int = 0
+    writeback_failed: int = 0
+    failed_gets: int = 0
+
+
 class Zcache:
     """A compressed page store with a hard RAM budget.
 
@@ -153,7 +185,7 @@ class Zcache:
         if prefault:
             flags |= getattr(mmap, "MAP_POPULATE", 0)
         self._mm = mmap.mmap(-1, self.frames_total * PAGE_SIZE, flags=flags)
-        self.zbud = Zbud(self._mm, self.frames_total)  # type: ignore[arg-type]
+        self.zbud = Zbud(memoryview(self._mm), self.frames_total)  # writes via memoryview
         self._size0 = self.zbud.size0  # the get hot path reads the size columns directly
         self._size1 = self.zbud.size1
         self.tmem = Tmem(self)
@@ -161,33 +193,9 @@ class Zcache:
         # zcache owns every frame; free ones wait on this stack (frame 0 on top) and zbud
         # takes from it only when zcache hands it over in store().
         self._free_frames = array("i", range(self.frames_total - 1, -1, -1))
-        self._zombie_seq = 0
-        # counters (kernel names where they exist; see stats())
+        self.counters = ZcacheCounters()  # kernel names where they exist; see stats()
         self.same_filled = [0, 0]  # per class, pages stored as a pattern (no frame)
-        self.zero_filled_pages = 0
-        self.zero_filled_pages_max = 0
-        self.same_filled_pages_total = 0
         self.remote_pages = [0, 0]
-        self.flush_total = 0
-        self.flush_found = 0
-        self.flobj_total = 0
-        self.flobj_found = 0
-        self.failed_eph_puts = 0
-        self.failed_pers_puts = 0
-        self.failed_getfreepages = 0
-        self.compress_poor = 0
-        self.mean_compress_poor = 0
-        self.eph_ate_tail = 0
-        self.eph_ate_tail_failed = 0
-        self.pers_ate_eph = 0
-        self.pers_ate_eph_failed = 0
-        self.evicted_eph_zpages = 0
-        self.evicted_eph_pageframes = 0
-        self.huge_pages_stored = 0
-        self.writtenback_pages = 0
-        self.writeback_failed = 0
-        self.failed_gets = 0
-        self.pers_get_failures = 0
         self._why = PutResult.STORED  # why the last failed put failed (see put_status)
 
     # ---- pools -----------------------------------------------------------------------
@@ -250,7 +258,7 @@ class Zcache:
             else:
                 self.same_filled[pool.persistent] -= 1
                 if pampd == -1:
-                    self.zero_filled_pages -= 1
+                    self.counters.zero_filled_pages -= 1
         else:
             self.remote_pages[pool.persistent] -= 1
             if self.remote_hooks is not None:
@@ -262,18 +270,18 @@ class Zcache:
         """A frame for a new zbud when none is free: ouroboros, then writeback; -1 if none."""
         if self._free_frames:
             return self._free_frames.pop()
-        self.failed_getfreepages += 1
+        self.counters.failed_getfreepages += 1
         frame = self._evict_eph()
         if frame >= 0:
             if persistent:
-                self.pers_ate_eph += 1
+                self.counters.pers_ate_eph += 1
             else:
-                self.eph_ate_tail += 1
+                self.counters.eph_ate_tail += 1
             return frame
         if not persistent:
-            self.eph_ate_tail_failed += 1
+            self.counters.eph_ate_tail_failed += 1
             return -1
-        self.pers_ate_eph_failed += 1
+        self.counters.pers_ate_eph_failed += 1
         if self.writeback is not None:
             return self._writeback_one()
         return -1
@@ -295,8 +303,8 @@ class Zcache:
             return -1
         for pampd, (o0, o1, o2, index, pool_id, client) in entries:
             self._drop_handle(client, pool_id, (o0, o1, o2), index, pampd)
-        self.evicted_eph_zpages += len(entries)
-        self.evicted_eph_pageframes += 1
+        self.counters.evicted_eph_zpages += len(entries)
+        self.counters.evicted_eph_pageframes += 1
         return frame
 
     def evict_ephemeral(self, frames: int = 1) -> int:
@@ -326,12 +334,12 @@ class Zcache:
             page = self._read(pampd)
             if self.writeback.write_back(pool_id, oid, index, page):
                 self.tmem.remove(pool, oid, index)
-                self.writtenback_pages += 1
+                self.counters.writtenback_pages += 1
                 f = zbud.free(pampd)
                 if f >= 0:
                     emptied = f
             else:
-                self.writeback_failed += 1
+                self.counters.writeback_failed += 1
         if emptied < 0:
             zbud.unzombify(frame)
         return emptied
@@ -401,18 +409,28 @@ class Zcache:
             self._flush_quietly(pool, oid, index)
             self._why = PutResult.POOR_COMPRESSION
             return False
-        handle = (oid[0], oid[1], oid[2], index, pool.pool_id, pool.client)
-        pampd = self.zbud.store(persistent, handle, data, self._free_frames)
+        pampd = self.zbud.store(
+            persistent,
+            data,
+            self._free_frames,
+            oid[0],
+            oid[1],
+            oid[2],
+            index,
+            pool.pool_id,
+            pool.client,
+        )
         if pampd < 0:
             frame = self._take_frame(persistent)
             if frame < 0:
                 if persistent:
-                    self.failed_pers_puts += 1
+                    self.counters.failed_pers_puts += 1
                 else:
-                    self.failed_eph_puts += 1
+                    self.counters.failed_eph_puts += 1
                 self._flush_quietly(pool, oid, index)
                 self._why = PutResult.NO_MEMORY
                 return False
+            handle = (oid[0], oid[1], oid[2], index, pool.pool_id, pool.client)
             pampd = self.zbud.create(persistent, frame, handle, data)
             pages = objects.get(oid)  # reclaim may have flushed entries of this object
         if pages is None:
@@ -441,10 +459,10 @@ class Zcache:
     def _rejects(self, persistent: bool, clen: int) -> bool:
         """Is a page of ``clen`` compressed bytes too poorly compressible (and count it)?"""
         if clen > (PERS_MAX_ZSIZE if persistent else EPH_MAX_ZSIZE):
-            self.compress_poor += 1
+            self.counters.compress_poor += 1
             return True
         if persistent and self._pers_mean_too_high():
-            self.mean_compress_poor += 1
+            self.counters.mean_compress_poor += 1
             return True
         return False
 
@@ -463,21 +481,23 @@ class Zcache:
         pattern = int.from_bytes(head, "little")
         self.tmem.put(pool, oid, index, -1 - pattern)
         self.same_filled[pool.persistent] += 1
-        self.same_filled_pages_total += 1
+        self.counters.same_filled_pages_total += 1
         if pattern == 0:
-            self.zero_filled_pages += 1
-            self.zero_filled_pages_max = max(self.zero_filled_pages_max, self.zero_filled_pages)
+            self.counters.zero_filled_pages += 1
+            self.counters.zero_filled_pages_max = max(
+                self.counters.zero_filled_pages_max, self.counters.zero_filled_pages
+            )
 
     def _put_huge(self, pool: Pool, oid: Oid, index: int, page: bytes) -> bool:
         frame = self._take_frame(True)
         if frame < 0:
-            self.failed_pers_puts += 1
+            self.counters.failed_pers_puts += 1
             self._flush_quietly(pool, oid, index)
             self._why = PutResult.NO_MEMORY
             return False
         handle = (oid[0], oid[1], oid[2], index, pool.pool_id, pool.client)
         pampd = self.zbud.create_huge(PERS, frame, handle, page)
-        self.huge_pages_stored += 1
+        self.counters.huge_pages_stored += 1
         self.tmem.put(pool, oid, index, pampd)
         return True
 
@@ -514,12 +534,12 @@ class Zcache:
         if pages is None:
             check_oid(oid)
             check_index(index)
-            self.failed_gets += 1
+            self.counters.failed_gets += 1
             return None
         pampd = pages.get(index)
         if pampd is None:
             check_index(index)
-            self.failed_gets += 1
+            self.counters.failed_gets += 1
             return None
         if type(pampd) is not int:
             raise RemotePageError(pampd)
@@ -562,9 +582,9 @@ class Zcache:
         pool = self._pool(pool_id, client)
         check_oid(oid)
         check_index(index)
-        self.flush_total += 1
+        self.counters.flush_total += 1
         if self.tmem.flush_page(pool, oid, index):
-            self.flush_found += 1
+            self.counters.flush_found += 1
             return True
         return False
 
@@ -572,10 +592,10 @@ class Zcache:
         """Drop every page of the object; returns how many there were."""
         pool = self._pool(pool_id, client)
         check_oid(oid)
-        self.flobj_total += 1
+        self.counters.flobj_total += 1
         count = self.tmem.flush_object(pool, oid)
         if count:
-            self.flobj_found += 1
+            self.counters.flobj_found += 1
         return count
 
     # ---- hooks for writeback and RAMster ---------------------------------------------
@@ -699,19 +719,19 @@ class Zcache:
         clen = len(data)
         limit = PERS_MAX_ZSIZE if pool.persistent else EPH_MAX_ZSIZE
         if clen > limit:
-            self.compress_poor += 1
+            self.counters.compress_poor += 1
             self._flush_quietly(pool, oid, index)
             return PutResult.POOR_COMPRESSION
         cls = PERS if pool.persistent else EPH
         handle = (oid[0], oid[1], oid[2], index, pool.pool_id, pool.client)
-        pampd = self.zbud.store(cls, handle, bytes(data), self._free_frames)
+        pampd = self.zbud.store(cls, bytes(data), self._free_frames, *handle)
         if pampd < 0:
             frame = self._take_frame(pool.persistent)
             if frame < 0:
                 if pool.persistent:
-                    self.failed_pers_puts += 1
+                    self.counters.failed_pers_puts += 1
                 else:
-                    self.failed_eph_puts += 1
+                    self.counters.failed_eph_puts += 1
                 self._flush_quietly(pool, oid, index)
                 return PutResult.NO_MEMORY
             pampd = self.zbud.create(cls, frame, handle, bytes(data))
@@ -793,23 +813,23 @@ class Zcache:
             # zcache (section 4.11)
             "obj_count": obj_count,
             "objnode_count": objnode_count,
-            "flush_total": self.flush_total,
-            "flush_found": self.flush_found,
-            "flobj_total": self.flobj_total,
-            "flobj_found": self.flobj_found,
-            "failed_eph_puts": self.failed_eph_puts,
-            "failed_pers_puts": self.failed_pers_puts,
-            "failed_getfreepages": self.failed_getfreepages,
+            "flush_total": self.counters.flush_total,
+            "flush_found": self.counters.flush_found,
+            "flobj_total": self.counters.flobj_total,
+            "flobj_found": self.counters.flobj_found,
+            "failed_eph_puts": self.counters.failed_eph_puts,
+            "failed_pers_puts": self.counters.failed_pers_puts,
+            "failed_getfreepages": self.counters.failed_getfreepages,
             "failed_alloc": 0,
             "put_to_flush": 0,
-            "compress_poor": self.compress_poor,
-            "mean_compress_poor": self.mean_compress_poor,
-            "eph_ate_tail": self.eph_ate_tail,
-            "eph_ate_tail_failed": self.eph_ate_tail_failed,
-            "pers_ate_eph": self.pers_ate_eph,
-            "pers_ate_eph_failed": self.pers_ate_eph_failed,
-            "evicted_eph_zpages": self.evicted_eph_zpages,
-            "evicted_eph_pageframes": self.evicted_eph_pageframes,
+            "compress_poor": self.counters.compress_poor,
+            "mean_compress_poor": self.counters.mean_compress_poor,
+            "eph_ate_tail": self.counters.eph_ate_tail,
+            "eph_ate_tail_failed": self.counters.eph_ate_tail_failed,
+            "pers_ate_eph": self.counters.pers_ate_eph,
+            "pers_ate_eph_failed": self.counters.pers_ate_eph_failed,
+            "evicted_eph_zpages": self.counters.evicted_eph_zpages,
+            "evicted_eph_pageframes": self.counters.evicted_eph_pageframes,
             "eph_pageframes": zb[EPH].pageframes,
             "eph_pageframes_max": zb[EPH].pageframes_max,
             "pers_pageframes": zb[PERS].pageframes,
@@ -820,14 +840,14 @@ class Zcache:
             "pers_zpages_max": zb[PERS].zpages_max,
             "eph_zbytes": zb[EPH].zbytes,
             "pers_zbytes": zb[PERS].zbytes,
-            "zero_filled_pages": self.zero_filled_pages,
-            "zero_filled_pages_max": self.zero_filled_pages_max,
+            "zero_filled_pages": self.counters.zero_filled_pages,
+            "zero_filled_pages_max": self.counters.zero_filled_pages_max,
             "same_filled_pages": self.same_filled[EPH] + self.same_filled[PERS],
-            "huge_pages": self.huge_pages_stored,
+            "huge_pages": self.counters.huge_pages_stored,
             "outstanding_writeback_pages": 0,
-            "writtenback_pages": self.writtenback_pages,
-            "writeback_failed": self.writeback_failed,
-            "failed_gets": self.failed_gets,
+            "writtenback_pages": self.counters.writtenback_pages,
+            "writeback_failed": self.counters.writeback_failed,
+            "failed_gets": self.counters.failed_gets,
             "remote_eph_pages": self.remote_pages[EPH],
             "remote_pers_pages": self.remote_pages[PERS],
         }
