@@ -288,3 +288,71 @@ def test_flush_object_and_destroy_pool_reach_the_peers() -> None:
         assert a.c.remote_pers_pages == 0
 
     run(main())
+
+
+@pytest.mark.parametrize("seed", range(int(__import__("os").environ.get("RAMSTER_SEEDS", "6"))))
+def test_random_ops_and_single_node_failures_match_a_model(seed: int) -> None:
+    """Random put/get/flush/exclusive-get/remotify/repatriate with one peer dying and
+    coming back (restarted), checked against a dict: persistent pages never lost."""
+
+    async def main() -> None:
+        rng = random.Random(seed)
+        f = Fabric()
+        a = make(f, 1, "128KiB")
+        peer_mem = "2MiB" if seed % 2 else "160KiB"  # odd seeds: peers fill up and refuse
+        for n in (2, 3, 4):
+            make(f, n, peer_mem)
+        pool = a.new_pool(persistent=True)
+        bank = pages(40, seed=100 + seed)
+        model: dict[int, bytes] = {}
+        dead: int | None = None
+        for step in range(600):
+            op = rng.random()
+            i = rng.randrange(120)
+            if op < 0.45:
+                p = rng.choice(bank)
+                if await a.put(pool, OID, i, p):
+                    model[i] = p
+                else:
+                    model.pop(i, None)  # a failed put leaves no older copy
+            elif op < 0.70:
+                assert await a.get(pool, OID, i) == model.get(i), (step, i)
+            elif op < 0.78:
+                assert await a.get(pool, OID, i, True) == model.pop(i, None), (step, i)
+            elif op < 0.86:
+                assert a.flush_page(pool, OID, i) == (model.pop(i, None) is not None)
+            elif op < 0.92:
+                await a.remotify_once(rng.randrange(1, 40))
+            elif op < 0.95:
+                await a.rereplicate()
+                await a.repatriate(8)
+            elif dead is None:
+                if a.under:  # one failure at a time: only once every page has 2 copies
+                    continue
+                dead = rng.choice([2, 3, 4])
+                f.down.add(dead)
+                a.node_lost(dead, restarted=False)
+            else:
+                # The dead node comes back empty (a restart): drop what it held.
+                old = f.engines[dead]
+                fresh = make(f, dead, peer_mem)
+                assert fresh is not old
+                f.down.discard(dead)
+                a.node_lost(dead, restarted=True)
+                dead = None
+                while a.under and await a.rereplicate():
+                    pass
+        assert a.c.pers_pages_lost == 0
+        for i in range(120):
+            assert await a.get(pool, OID, i) == model.get(i), i
+        await a.drain_flushes()  # gets may have repatriated pages (flushes queued)
+        # Peers hold exactly the remote copies the owner knows about.
+        held = sum(len(e.nodes) for e in a.remote.values())
+        live = [e for n, e in f.engines.items() if n != 1 and n not in f.down]
+        assert sum(e.stats()["foreign_pers_pages"] for e in live) == held
+        s = a.stats()
+        assert s["pers_pages_remoted"] > 0 and s["remote_pers_pages_succ_get"] > 0
+        if seed % 2 == 0:
+            assert sum(e.c.foreign_puts_refused for e in f.engines.values()) > 0
+
+    run(main())
