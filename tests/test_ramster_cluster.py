@@ -137,6 +137,35 @@ def _writer(
         errors.append(f"{node.name}: {exc!r}")
 
 
+def _reader(
+    node: NodeProc,
+    pool: int,
+    pages: list[bytes],
+    written: list[int],
+    stop: threading.Event,
+    errors: list[str],
+    reads: list[int],
+) -> None:
+    """Keep reading back pages already written (remote ones included) until stopped."""
+    rng = random.Random(5)
+    try:
+        with node.client() as c:
+            while not stop.is_set():
+                done = list(written)
+                if not done:
+                    time.sleep(0.01)
+                    continue
+                sample = [rng.choice(done) for _ in range(16)]
+                got = c.call("get_many", pool, [(OID, j) for j in sample])
+                bad = [j for j, g in zip(sample, got, strict=True) if g != pages[j]]
+                if bad:
+                    errors.append(f"{node.name}: read back wrong/missing pages {bad[:5]}")
+                    return
+                reads.append(len(sample))
+    except Exception as exc:
+        errors.append(f"{node.name} reader: {exc!r}")
+
+
 @pytest.mark.slow
 def test_kill_9_one_node_under_load_loses_no_persistent_page(tmp_path: Path) -> None:
     nodes = _cluster(tmp_path, small="1MiB", big="8MiB")
@@ -149,11 +178,13 @@ def test_kill_9_one_node_under_load_loses_no_persistent_page(tmp_path: Path) -> 
         w3: list[int] = []
         errors: list[str] = []
         stop = threading.Event()
+        reads: list[int] = []
         threads = [
             threading.Thread(target=_writer, args=(n1, pool1, pages1, w1, stop, errors)),
             threading.Thread(target=_writer, args=(n3, pool3, pages3, w3, stop, errors)),
         ]
-        for t in threads:
+        reader = threading.Thread(target=_reader, args=(n1, pool1, pages1, w1, stop, errors, reads))
+        for t in [*threads, reader]:
             t.start()
         wait_for(lambda: len(w1) > 400, timeout=60, interval=0.01)
         n2.kill9()
@@ -163,7 +194,11 @@ def test_kill_9_one_node_under_load_loses_no_persistent_page(tmp_path: Path) -> 
         )
         for t in threads:
             t.join(120)
+        time.sleep(0.5)  # let the reader run on after the writers finished
+        stop.set()
+        reader.join(30)
         assert not errors, errors
+        assert sum(reads) > 0
         down_after = time.monotonic() - killed_at
         assert declared <= TIMING["dead_after"] + 1.5
         wait_for(lambda: peer_state(n3.call("stats"), "n2") == "down", timeout=2.0)
@@ -179,7 +214,10 @@ def test_kill_9_one_node_under_load_loses_no_persistent_page(tmp_path: Path) -> 
             )
             assert lost == 0
             assert s["pers_pages_lost"] == 0
-        print(f"n2 declared down {declared:.2f}s after kill -9 (checked {down_after:.2f}s)")
+        print(
+            f"n2 declared down {declared:.2f}s after kill -9 (checked {down_after:.2f}s); "
+            f"{sum(reads)} concurrent reads verified on n1"
+        )
         # n2 comes back (new incarnation) and rejoins; under-replicated pages get
         # their second copy again.
         n2.start()
