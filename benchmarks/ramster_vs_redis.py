@@ -5,9 +5,11 @@ free loopback ports.  The sending node runs in this process: the real
 :class:`~tmem.ramster.transport.Transport` with the HMAC handshake, sending
 PutBatch/GetBatch frames the way its remotify worker and remote gets do.  redis
 gets the *same* byte strings through redis-py pipelines of the same batch size.
-Each side has one batch in flight at a time (one round trip per batch) unless
-``--inflight`` says otherwise; rounds alternate redis and RAMster and the median
-is reported, since the machine may be shared.
+redis-py sends one pipeline at a time (one round trip per batch); RAMster is
+measured with one batch in flight (``ramster/1``, the like-for-like number) and
+with two (``ramster/2``: requests are cookie-matched, so a node may overlap
+them).  Rounds alternate redis and RAMster and the median is reported, since
+the machine may be shared.
 
 Two payloads are measured:
 * ``stored``: each page's stored form, lz4-compressed (what remotify sends);
@@ -174,7 +176,6 @@ def main() -> None:
     ap.add_argument("--pages", type=int, default=20000)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--inflight", type=int, default=1, help="RAMster batches in flight")
     args = ap.parse_args()
     if shutil.which("redis-server") is None:
         sys.exit("redis-server is not installed (apt-get install redis-server)")
