@@ -697,13 +697,13 @@ class PageEngine:
         out: list[Blob | None] = []
         append = out.append
         get = self.zc.get_compressed
-        foreign = self.foreign
+        pools = {p for (c, p) in self.foreign if c == client}
         for pool_id, oid, index in keys:
-            if (client, pool_id) not in foreign:
+            if pool_id not in pools:
                 append(None)
                 continue
             try:
-                append(get(pool_id, oid, index, free=free, client=client))
+                append(get(pool_id, oid, index, free, client=client))
             except TmemError:
                 append(None)
         if free:
