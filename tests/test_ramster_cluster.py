@@ -337,3 +337,53 @@ def test_nodes_join_and_leave_a_running_cluster_on_reload(tmp_path: Path) -> Non
             assert {p["node"]: p["state"] for p in js["peers"]} == {"n2": "up"}
         finally:
             n3.stop()
+
+
+def test_control_api_refuses_bad_requests_and_keeps_serving(tmp_path: Path) -> None:
+    import socket
+    import struct
+
+    import msgpack
+
+    cf = tmp_path / "solo.toml"
+    write_cluster(cf, HOSTS[:1], replicas=1, **TIMING)
+    node = NodeProc(cf, "n1", "1MiB", tmp_path)
+    with running([node]):
+
+        def raw(payload: bytes, length: int | None = None) -> object:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(5)
+                s.connect(str(node.control))
+                n = len(payload) if length is None else length
+                s.sendall(struct.pack(">I", n) + payload)
+                hdr = s.recv(4)
+                if len(hdr) < 4:
+                    return None
+                (m,) = struct.unpack(">I", hdr)
+                body = b""
+                while len(body) < m:
+                    chunk = s.recv(m - len(body))
+                    if not chunk:
+                        break
+                    body += chunk
+                return msgpack.unpackb(body, raw=False)
+
+        def pack(obj: object) -> bytes:
+            return bytes(msgpack.packb(obj, use_bin_type=True))
+
+        with node.client() as c:
+            pool = c.call("new_pool", True)
+        assert raw(b"\xc1\xc1\xc1")[0] == "err"  # type: ignore[index]
+        assert raw(pack({"op": 1}))[0] == "err"  # type: ignore[index]
+        assert raw(pack(["no_such_op"]))[0] == "err"  # type: ignore[index]
+        assert raw(pack(["get_many", pool, [[[1, 2], 0]]]))[0] == "err"  # type: ignore[index]
+        assert raw(pack(["get_many", pool, [[[1, 2, -3], 0]]]))[0] == "err"  # type: ignore[index]
+        assert raw(pack(["get_many", 99, [[[1, 2, 3], 0]]]))[0] == "err"  # type: ignore[index]
+        assert raw(pack(["put_many", pool, [[[1, 2, 3], 0, b"short"]]]))[0] == "err"  # type: ignore[index]
+        reply = raw(b"", length=0xFFFFFFFF)  # oversized: refused before buffering
+        assert reply is None or reply[0] == "err"  # type: ignore[index]
+        with node.client() as c:
+            page = bytes(range(256)) * 16
+            assert c.call("put_many", pool, [((1, 2, 3), 0, page)]) == [True]
+            assert c.call("get_many", pool, [((1, 2, 3), 0)]) == [page]
+        assert node.proc is not None and node.proc.poll() is None
