@@ -279,7 +279,11 @@ def test_node_with_wrong_secret_cannot_join(tmp_path: Path) -> None:
 def test_nodes_join_and_leave_a_running_cluster_on_reload(tmp_path: Path) -> None:
     cf = tmp_path / "lab.toml"
     write_cluster(cf, HOSTS[:2], replicas=1, **TIMING)
-    nodes = [NodeProc(cf, "n1", "4MiB", tmp_path), NodeProc(cf, "n2", "4MiB", tmp_path)]
+    pid1 = tmp_path / "n1.pid"
+    nodes = [
+        NodeProc(cf, "n1", "4MiB", tmp_path, extra=("--pid-file", str(pid1))),
+        NodeProc(cf, "n2", "4MiB", tmp_path),
+    ]
     n3 = NodeProc(cf, "n3", "4MiB", tmp_path)
     env = dict(os.environ, PYTHONPATH=str(SRC))
     tmem = [sys.executable, "-m", "tmem", "cluster"]
@@ -297,14 +301,15 @@ def test_nodes_join_and_leave_a_running_cluster_on_reload(tmp_path: Path) -> Non
                 "3",
                 "--address",
                 f"127.0.0.3:{port}",
+                "--reload-pid",
+                str(pid1),
             ],
             env=env,
             check=True,
             capture_output=True,
         )
-        for n in nodes:
-            assert n.proc is not None
-            n.proc.send_signal(signal.SIGHUP)
+        assert nodes[1].proc is not None
+        nodes[1].proc.send_signal(signal.SIGHUP)  # n1 was signalled through its PID file
         n3.start()
         try:
             wait_for(lambda: _all_up([*nodes, n3]), timeout=15)

@@ -39,6 +39,12 @@ def cluster() -> None:
 @click.option("--huge-pages", is_flag=True, help="Keep incompressible persistent pages raw.")
 @click.option("--control", default=None, type=click.Path(), help="Unix socket of the control API.")
 @click.option("--metrics", default=None, help="HOST:PORT for a Prometheus /metrics endpoint.")
+@click.option(
+    "--pid-file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write the PID here (for add-node/remove-node --reload-pid).",
+)
 @click.option("-v", "--verbose", count=True)
 def serve_cmd(
     cluster_file: str,
@@ -49,6 +55,7 @@ def serve_cmd(
     huge_pages: bool,
     control: str | None,
     metrics: str | None,
+    pid_file: str | None,
     verbose: int,
 ) -> None:
     """Run one cluster node until SIGTERM (SIGHUP reloads the cluster file)."""
@@ -58,6 +65,8 @@ def serve_cmd(
         level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    if pid_file is not None:
+        Path(pid_file).write_text(f"{os.getpid()}\n")
     try:
         serve_node(
             cluster_file,
@@ -73,6 +82,9 @@ def serve_cmd(
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot start node {node_name!r}: {exc}") from None
+    finally:
+        if pid_file is not None:
+            Path(pid_file).unlink(missing_ok=True)
 
 
 @cluster.command("check")
