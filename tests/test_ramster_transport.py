@@ -222,3 +222,35 @@ def test_bad_secret_garbage_and_unknown_node_are_dropped_and_counted() -> None:
         await ta.stop()
 
     asyncio.run(main())
+
+
+def test_authenticated_peer_sending_a_corrupt_frame_is_dropped_and_counted() -> None:
+    async def main() -> None:
+        c = cfg()
+        store = Store()
+        ta = Transport(c, c.nodes[0], store)
+        await ta.start()
+        r, w, conn = await _raw_peer(c, c.nodes[0])
+        events = await _pump(r, w, conn, 0.2)
+        assert any(isinstance(e, wire.Authenticated) for e in events)
+        await wait(lambda: ta.is_connected(2))
+        frame = bytearray(
+            conn.send(
+                wire.PutBatch(
+                    cookie=9,
+                    items=[
+                        wire.PutItem(wire.PageKey(2, 0, True, (1, 1, 1), 0), bytes(4096), False)
+                    ],
+                )
+            )
+        )
+        frame[-1] ^= 0xFF  # payload no longer matches the checksum
+        w.write(bytes(frame))
+        await _pump(r, w, conn, 1.0)  # the node closes the connection
+        await wait(lambda: not ta.is_connected(2))
+        assert ta.links[2].stats.protocol_errors == 1
+        assert store.pages == {}  # nothing from the bad frame was stored
+        w.close()
+        await ta.stop()
+
+    asyncio.run(main())
