@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from tmem.ramster.policy import LeastLoaded
+from tmem.ramster.policy import LeastLoaded, Manual, TargetPolicy
 from tmem.ramster.remotify import Blob, Key, PageEngine, PeerError, PutStatus
 from tmem.zcache import Oid, Zcache
 
@@ -70,12 +70,14 @@ def foreign(eng: PageEngine, client: int, key: Key) -> bytes | None:
     return eng.zc.decompress(got[0]) if got[1] else got[0]
 
 
-def make(fabric: Fabric, n: int, memory: str, replicas: int = 2) -> PageEngine:
+def make(
+    fabric: Fabric, n: int, memory: str, replicas: int = 2, policy: TargetPolicy | None = None
+) -> PageEngine:
     eng = PageEngine(
         Zcache(memory),
         node_number=n,
         peers=fabric.peer(n),
-        policy=LeastLoaded(),
+        policy=policy or LeastLoaded(),
         live_peers=lambda: fabric.live(n),
         replicas=replicas,
         batch=32,
@@ -354,5 +356,35 @@ def test_random_ops_and_single_node_failures_match_a_model(seed: int) -> None:
         assert s["pers_pages_remoted"] > 0 and s["remote_pers_pages_succ_get"] > 0
         if seed % 2 == 0:
             assert sum(e.c.foreign_puts_refused for e in f.engines.values()) > 0
+
+    run(main())
+
+
+def test_local_pages_sharing_frames_with_foreign_pages_are_still_remotified() -> None:
+    async def main() -> None:
+        f = Fabric()
+        a = make(f, 1, "1MiB", replicas=1)
+        b = make(f, 2, "1MiB", replicas=1, policy=Manual(1))
+        c = make(f, 3, "4MiB", replicas=1)
+        pa, pb = a.new_pool(persistent=True), b.new_pool(persistent=True)
+        rng = random.Random(22)
+        # ~1.3 KiB compressed: zbud pairs a's own page with b's foreign one in a frame
+        own = [rng.randbytes(1200) + bytes(2896) for _ in range(60)]
+        theirs = [rng.randbytes(1200) + bytes(2896) for _ in range(60)]
+        for i in range(60):
+            assert await a.put(pa, OID, i, own[i])
+            assert await b.put(pb, OID, i, theirs[i])
+            assert await b.remotify_once(1) == 1  # lands on a, next to a's own page
+        assert a.stats()["foreign_pers_pages"] == 60
+        zb = a.zc.zbud
+        mixed = [fr for fr in zb.lru_frames(1) if len({h[5] for _p, h in zb.handles(fr)}) > 1]
+        assert len(mixed) > 30
+        moved = await a.remotify_once(60)
+        assert moved == 60 and a.c.pers_pages_remoted == 60  # all of a's own pages
+        assert c.stats()["foreign_pers_pages"] == 60
+        assert a.stats()["foreign_pers_pages"] == 60  # b's pages stayed on a
+        for i in range(60):
+            assert await a.get(pa, OID, i) == own[i]
+            assert await b.get(pb, OID, i) == theirs[i]
 
     run(main())

@@ -26,12 +26,11 @@ pages, and swaps each handle's pampd for a :class:`RemoteEntry` with
 ``Zcache.replace(..., expected=zombie)`` (a newer put or flush meanwhile wins).
 ``Zcache.get`` raises ``RemotePageError`` for such a handle and the engine fetches
 it; when tmem drops one (flush, newer put, object flush, pool destroy) zcache
-calls :meth:`PageEngine.on_free`, which queues the remote flush.  Frames holding
-a foreign page go back to the LRU untouched (``unzombify``), as do pages no peer
-took.  Pages travel in their stored form (``get_compressed``/``zombify_lru`` ->
-wire -> ``put_compressed``): no recompression on the receiver, re-replication
-forwards bytes as they are; only the owner decompresses, when it reads a
-remote page.
+calls :meth:`PageEngine.on_free`, which queues the remote flush.  Foreign pages
+in a zombified frame, and pages no peer took, go back to the LRU (``unzombify``).
+Pages travel in their stored form (``zombify_lru``/``get_compressed`` -> wire ->
+``put_compressed``): no recompression on the receiver, re-replication forwards
+bytes as they are; only the owner decompresses, when it reads a remote page.
 """
 
 from __future__ import annotations
@@ -418,8 +417,8 @@ class PageEngine:
     def _victims(self, limit: int) -> list[ZombiePage]:
         """Zombify LRU frames until ``limit`` local pages are collected.
 
-        Frames that hold a foreign page (or nothing we may move) go straight back
-        to the LRU: only the owner remotifies its pages.
+        Only the owner remotifies its pages: a frame holding only foreign pages goes
+        straight back to the LRU, and a foreign buddy of a local page stays put.
         """
         out: list[ZombiePage] = []
         classes = [
@@ -434,8 +433,10 @@ class PageEngine:
                 zps = self.zc.zombify_lru(persistent)
                 if not zps:
                     break
-                if all(zp.client == LOCAL_CLIENT and zp.pool_id in self.pools for zp in zps):
-                    out.extend(zps)
+                mine = [zp for zp in zps if zp.client == LOCAL_CLIENT and zp.pool_id in self.pools]
+                if mine:
+                    # A foreign buddy stays; remotify_once unzombifies the frame after.
+                    out.extend(mine)
                 else:
                     self.zc.unzombify(zps[0])
         return out
