@@ -388,3 +388,44 @@ def test_local_pages_sharing_frames_with_foreign_pages_are_still_remotified() ->
             assert await b.get(pb, OID, i) == theirs[i]
 
     run(main())
+
+
+def test_front_end_hooks_make_room_and_fetch_remote() -> None:
+    """A front end (the NBD device) owning its pool on the Zcache directly."""
+
+    async def main() -> None:
+        from tmem.errors import RemotePageError, UnknownPoolError
+
+        f = Fabric()
+        a = make(f, 1, "256KiB")
+        make(f, 2, "4MiB")
+        make(f, 3, "4MiB")
+        zc = a.zc
+        pool = zc.new_pool(persistent=True)
+        with pytest.raises(UnknownPoolError):
+            a.adopt_pool(pool, persistent=False)
+        a.adopt_pool(pool, persistent=True)
+        ps = pages(4 * zc.frames_total, seed=30)
+        for i, p in enumerate(ps):
+            assert await a.make_room(1)
+            assert zc.put(pool, OID, i, p)
+        assert a.c.pers_pages_remoted > 0
+        for i, p in enumerate(ps):
+            try:
+                got = zc.get(pool, OID, i)
+            except RemotePageError as exc:
+                got = await a.fetch_remote(pool, OID, i, exc.pampd)
+            assert got == p
+        # Storing a fetched page back replaces the remote pampd; its copies are flushed.
+        assert await a.make_room(1)
+        key = next(iter(a.remote))
+        page = await a.fetch_remote(*key, a.remote[key])
+        remote = a.c.remote_pers_pages
+        assert zc.put(*key, page)
+        assert a.c.remote_pers_pages == remote - 1 and key not in a.remote
+        assert isinstance(zc.lookup(*key), int)
+        await a.drain_flushes()
+        held = sum(len(e.nodes) for e in a.remote.values())
+        assert sum(f.engines[n].stats()["foreign_pers_pages"] for n in (2, 3)) == held
+
+    run(main())

@@ -238,6 +238,47 @@ class PageEngine:
         self.pools[pool_id] = persistent
         return pool_id
 
+    def adopt_pool(self, pool_id: int, persistent: bool) -> None:
+        """Manage a local pool created directly on the Zcache (e.g. by the NBD device)."""
+        if not self.zc.has_pool(pool_id) or self.zc.is_persistent(pool_id) is not persistent:
+            raise UnknownPoolError(
+                f"no local {'persistent' if persistent else 'ephemeral'} pool {pool_id!r}"
+            )
+        self.pools[pool_id] = persistent
+
+    async def make_room(self, frames: int) -> bool:
+        """Remotify until ``frames`` frames are free (front ends call it before a write).
+
+        True if there is room now; False if no peer could take more pages.
+        """
+        errors_seen = self.peer_errors
+        retries = 0
+        while self.zc.frames_free < frames:
+            errors = self.peer_errors
+            if await self.remotify_once(max(self.batch, frames)) == 0:
+                if self.peer_errors != errors and retries < 5:
+                    retries += 1
+                    await asyncio.sleep(0.01 * retries)
+                    continue
+                return False
+        if self.peer_errors != errors_seen or retries:
+            self.c.writes_held += 1
+        return True
+
+    async def fetch_remote(self, pool_id: int, oid: Oid, index: int, pampd: object) -> bytes:
+        """Read a remote page for a front end that stores it back itself (NBD).
+
+        The caller's put of the page replaces the remote pampd, and zcache's
+        :meth:`on_free` hook then frees the remote copies.  Raises a TmemError when
+        no live copy can be read (the front end reports an I/O error).
+        """
+        if not isinstance(pampd, RemoteEntry):
+            raise PeerError(f"not a remote page: {pampd!r}")
+        page = await self._remote_get((pool_id, oid, index), pampd, False, repatriate=False)
+        if page is None:
+            raise PeerError(f"no live copy of page {(pool_id, oid, index)!r}")
+        return page
+
     async def put(self, pool_id: int, oid: Oid, index: int, page: bytes) -> bool:
         """Store a page; if RAM is full, hold the write while pages are remotified.
 
@@ -291,7 +332,9 @@ class PageEngine:
         except TmemError:
             return False
 
-    async def _remote_get(self, key: Key, entry: RemoteEntry, free: bool) -> bytes | None:
+    async def _remote_get(
+        self, key: Key, entry: RemoteEntry, free: bool, *, repatriate: bool = True
+    ) -> bytes | None:
         live = self.live_peers()
         order = sorted(entry.nodes, key=lambda n: (n not in live, n))
         blob: Blob | None = None
@@ -324,7 +367,7 @@ class PageEngine:
             if source is not None and source in entry.nodes:
                 entry.nodes.remove(source)  # that copy is gone already (get-and-free)
             self._drop_entry(key, entry)
-        elif entry.persistent and self.zc.frames_free > self.high_frames:
+        elif repatriate and entry.persistent and self.zc.frames_free > self.high_frames:
             self._repatriate(key, blob)
         return page
 
