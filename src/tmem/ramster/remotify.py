@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -574,7 +575,7 @@ class PageEngine:
         limit = self.batch if limit is None else limit
         done = 0
         live = self.live_peers()
-        for key in list(self.remote)[:limit]:
+        for key in list(itertools.islice(self.remote, limit)):
             if self.zc.frames_free <= self.high_frames:
                 break
             entry = self.remote.get(key)
@@ -629,7 +630,7 @@ class PageEngine:
         async with self.send_lock:
             await self.drain_flushes()
             live = self.live_peers()
-            for key in list(self.under)[:limit]:
+            for key in list(itertools.islice(self.under, limit)):
                 entry = self.remote.get(key)
                 if entry is None or len(entry.nodes) >= self.replicas:
                     self.under.pop(key, None)
