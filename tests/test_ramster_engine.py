@@ -104,7 +104,11 @@ def test_full_node_holds_writes_and_remotifies_to_two_replicas() -> None:
         for i, p in enumerate(ps):
             assert await a.put(pool, OID, i, p)
         assert a.c.writes_held > 0 and a.c.pers_pages_remoted > 0
-        assert b.c.foreign_pers_pages == c.c.foreign_pers_pages == a.c.remote_pers_pages
+        assert (
+            b.stats()["foreign_pers_pages"]
+            == c.stats()["foreign_pers_pages"]
+            == a.c.remote_pers_pages
+        )
         for i, p in enumerate(ps):
             assert await a.get(pool, OID, i) == p
         assert a.c.remote_pers_pages_succ_get > 0
@@ -149,7 +153,7 @@ def test_put_during_inflight_remotify_wins_and_stale_copy_is_flushed() -> None:
         assert await a.get(pool, OID, 0) == new
         await a.drain_flushes()
         assert foreign(b, 1, (pool, OID, 0)) is None
-        assert b.c.foreign_pers_pages == 0
+        assert b.stats()["foreign_pers_pages"] == 0
 
     run(main())
 
@@ -165,7 +169,7 @@ def test_node_death_rereplicates_and_loses_nothing() -> None:
             assert await a.put(pool, OID, i, p)
         remote = a.c.remote_pers_pages
         assert remote > 0
-        victim = max(peers, key=lambda e: e.c.foreign_pers_pages).node_number
+        victim = max(peers, key=lambda e: e.stats()["foreign_pers_pages"]).node_number
         f.down.add(victim)
         a.node_lost(victim, restarted=False)
         assert len(a.under) > 0
@@ -226,9 +230,9 @@ def test_foreign_requests_for_missing_pools_change_nothing() -> None:
     assert b.store_foreign(1, True, [((3, OID, 1), bytes(5000), True)]) == [PutStatus.BAD]
     assert foreign(b, 1, (3, OID, 0)) == p
     assert foreign(b, 1, (3, OID, 1)) is None
-    assert b.c.foreign_pers_pages == 1
+    assert b.stats()["foreign_pers_pages"] == 1
     assert b.get_foreign(9, [(3, OID, 0)], False) == [None]  # other client: no access
-    assert b.drop_foreign(1) == 1 and b.c.foreign_pers_pages == 0
+    assert b.drop_foreign(1) == 1 and b.stats()["foreign_pers_pages"] == 0
 
 
 def test_unknown_local_pool_is_a_clear_error() -> None:
@@ -260,7 +264,7 @@ def test_repatriation_pulls_remote_pages_home_when_memory_frees() -> None:
         assert moved > 0 and a.c.pers_pages_repatriated == moved
         assert a.c.remote_pers_pages == remote_before - moved
         await a.drain_flushes()
-        assert b.c.foreign_pers_pages == a.c.remote_pers_pages
+        assert b.stats()["foreign_pers_pages"] == a.c.remote_pers_pages
         gone = {k[2] for k in local}
         for i, p in enumerate(keep):
             assert await a.get(pool, OID, i) == (None if i in gone else p)
@@ -278,7 +282,7 @@ def test_flush_object_and_destroy_pool_reach_the_peers() -> None:
         for i, p in enumerate(ps):
             assert await a.put(pool, x if i < 10 else y, i, p)
         assert await a.remotify_once(100) == 20
-        assert b.c.foreign_pers_pages == 20
+        assert b.stats()["foreign_pers_pages"] == 20
         assert a.flush_object(pool, x) == 10
         await a.drain_flushes()
         assert b.stats()["foreign_pers_pages"] == 10

@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -180,6 +181,7 @@ class PageEngine:
         self._bulk: tuple[int, Oid | None, set[int]] | None = None
         # foreign pools: (client, pool_id) -> persistent
         self.foreign: dict[tuple[int, int], bool] = {}
+        self._foreign_counted = 0.0
         zcache.remote_hooks = self
 
     # ------------------------------------------------------------------ helpers
@@ -682,8 +684,15 @@ class PageEngine:
             return True
         return have is persistent
 
+    def _note_foreign_soon(self) -> None:
+        """Recount after a change, at most every 0.25 s (the recount walks the pools)."""
+        now = time.monotonic()
+        if now - self._foreign_counted >= 0.25:
+            self._note_foreign()
+
     def _note_foreign(self) -> None:
         """Recount foreign pages from zcache (exact even after ephemeral eviction)."""
+        self._foreign_counted = time.monotonic()
         c = self.c
         counts = [0, 0]
         for (client, pool_id), persistent in self.foreign.items():
@@ -734,7 +743,7 @@ class PageEngine:
             else:
                 append(PutStatus.POOR)
         self.c.foreign_puts_refused += refused
-        self._note_foreign()
+        self._note_foreign_soon()
         return out
 
     def get_foreign(self, client: int, keys: Iterable[Key], free: bool) -> list[Blob | None]:
@@ -752,7 +761,7 @@ class PageEngine:
             except TmemError:
                 append(None)
         if free:
-            self._note_foreign()
+            self._note_foreign_soon()
         return out
 
     def flush_foreign(self, client: int, keys: Iterable[Key]) -> int:
@@ -765,7 +774,7 @@ class PageEngine:
                 n += flush(pool_id, oid, index, client=client)
             except TmemError:
                 continue
-        self._note_foreign()
+        self._note_foreign_soon()
         return n
 
     def flush_foreign_objects(self, client: int, objs: Iterable[tuple[int, Oid]]) -> int:
@@ -777,7 +786,7 @@ class PageEngine:
                 n += self.zc.flush_object(pool_id, oid, client=client)
             except TmemError:
                 continue
-        self._note_foreign()
+        self._note_foreign_soon()
         return n
 
     def destroy_foreign_pools(self, client: int, pools: Iterable[int]) -> int:
@@ -786,7 +795,7 @@ class PageEngine:
             if self.foreign.pop((client, pool_id), None) is None:
                 continue
             n += self.zc.destroy_pool(pool_id, client=client)
-        self._note_foreign()
+        self._note_foreign_soon()
         return n
 
     def drop_foreign(self, client: int) -> int:
