@@ -433,3 +433,25 @@ def test_front_end_hooks_make_room_and_fetch_remote() -> None:
         assert sum(f.engines[n].stats()["foreign_pers_pages"] for n in (2, 3)) == held
 
     run(main())
+
+
+def test_unreachable_persistent_page_is_an_error_not_a_miss() -> None:
+    async def main() -> None:
+        f = Fabric()
+        a, b = make(f, 1, "1MiB", replicas=1), make(f, 2, "4MiB", replicas=1)
+        pool = a.new_pool(persistent=True)
+        p = pages(1, seed=40)[0]
+        assert await a.put(pool, OID, 0, p)
+        assert await a.remotify_once() == 1
+        f.down.add(2)  # unreachable, not yet declared dead
+        with pytest.raises(PeerError):
+            await a.get(pool, OID, 0)
+        with pytest.raises(PeerError):
+            await a.get(pool, OID, 0, True)
+        f.down.discard(2)
+        assert await a.get(pool, OID, 0, True) == p  # exclusive: read, then flushed
+        assert await a.get(pool, OID, 0) is None
+        await a.drain_flushes()
+        assert b.stats()["foreign_pers_pages"] == 0
+
+    run(main())

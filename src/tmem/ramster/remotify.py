@@ -279,7 +279,7 @@ class PageEngine:
             raise PeerError(f"not a remote page: {pampd!r}")
         page = await self._remote_get((pool_id, oid, index), pampd, False, repatriate=False)
         if page is None:
-            raise PeerError(f"no live copy of page {(pool_id, oid, index)!r}")
+            raise PeerError(f"page {(pool_id, oid, index)!r} is gone")
         return page
 
     async def put(self, pool_id: int, oid: Oid, index: int, page: bytes) -> bool:
@@ -340,11 +340,15 @@ class PageEngine:
     ) -> bytes | None:
         live = self.live_peers()
         order = sorted(entry.nodes, key=lambda n: (n not in live, n))
+        # Ephemeral pages are fetched with get-and-free (the kernel's exclusive get).
+        # A persistent page is read without freeing and its copies are flushed after:
+        # a reply lost after a remote free must not lose the page.
+        and_free = free and not entry.persistent
         blob: Blob | None = None
         source = None
         for node in order:
             try:
-                got = await self.peers.get_pages(node, [key], free)
+                got = await self.peers.get_pages(node, [key], and_free)
             except PeerError:
                 continue
             if got and got[0] is not None:
@@ -356,18 +360,19 @@ class PageEngine:
             # this get observed; the newer operation already owns the state.
             return page
         if page is None or blob is None:
-            if entry.persistent:
-                self.c.remote_pers_pages_unsucc_get += 1
-            else:
+            if not entry.persistent:
                 self.c.remote_eph_pages_unsucc_get += 1
                 self._drop_entry(key, entry)
-            return None
+                return None  # tmem allows ephemeral pages to vanish
+            self.c.remote_pers_pages_unsucc_get += 1
+            # Never pass a persistent page that exists off as a miss.
+            raise PeerError(f"no copy of persistent page {key!r} is reachable now")
         if entry.persistent:
             self.c.remote_pers_pages_succ_get += 1
         else:
             self.c.remote_eph_pages_succ_get += 1
         if free:
-            if source is not None and source in entry.nodes:
+            if and_free and source is not None and source in entry.nodes:
                 entry.nodes.remove(source)  # that copy is gone already (get-and-free)
             self._drop_entry(key, entry)
         elif repatriate and entry.persistent and self.zc.frames_free > self.high_frames:
