@@ -104,6 +104,7 @@ class Node:
             remotify_persistent=cfg.remotify_persistent,
         )
         self.down_times: dict[int, float] = {}
+        self.worker_errors = 0
         self.started = time.monotonic()
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
@@ -165,9 +166,13 @@ class Node:
     # ------------------------------------------------------------- loops
     async def _heartbeat_loop(self) -> None:
         while True:
-            for n in self.transport.connected():
-                self._send_heartbeat(n)
-            self.membership.tick()
+            try:
+                for n in self.transport.connected():
+                    self._send_heartbeat(n)
+                self.membership.tick()
+            except Exception:  # keep heartbeating whatever one event handler did
+                self.worker_errors += 1
+                log.exception("heartbeat loop failed; continuing")
             await asyncio.sleep(self.cfg.heartbeat_interval)
 
     async def _worker_loop(self) -> None:
@@ -188,6 +193,9 @@ class Node:
                     await eng.repatriate()
             except TmemError as exc:
                 log.warning("remotify worker: %s", exc)
+            except Exception:  # a bug must not silently stop remotify for good
+                self.worker_errors += 1
+                log.exception("remotify worker failed; continuing")
 
     async def start(self) -> None:
         await self.transport.start(self.spec.host, self.spec.port)
@@ -280,6 +288,7 @@ class Node:
         s["node"] = self.spec.name
         s["node_number"] = self.spec.number
         s["incarnation"] = self.incarnation
+        s["worker_errors"] = self.worker_errors
         net = self.transport.peer_table()
         peers = []
         for row in self.membership.peer_table():
