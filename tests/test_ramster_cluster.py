@@ -113,6 +113,7 @@ def test_small_node_stores_4x_its_budget_across_the_cluster(tmp_path: Path) -> N
                     and n3.call("stats")["foreign_pers_pages"] == 0
                 )
             )
+        assert all(n.call("stats")["worker_errors"] == 0 for n in nodes)
 
 
 def _writer(
@@ -232,6 +233,7 @@ def test_kill_9_one_node_under_load_loses_no_persistent_page(tmp_path: Path) -> 
         assert s1["pers_pages_rereplicated"] > 0
         got = n1.call("get_many", pool1, [(OID, j) for j in w1])
         assert all(g == pages1[j] for g, j in zip(got, w1, strict=True))
+        assert all(n.call("stats")["worker_errors"] == 0 for n in nodes)
 
 
 def test_node_with_wrong_secret_cannot_join(tmp_path: Path) -> None:
