@@ -15,7 +15,7 @@ far less Python overhead.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from tmem.errors import InvalidHandleError, PoolLimitError, UnknownPoolError
 
@@ -99,9 +99,9 @@ class Tmem:
         self,
         persistent: bool,
         shared: bool = False,
-        uuid: bytes | None = None,
+        uuid: Any = None,
         client: int = LOCAL_CLIENT,
-        pool_id: int | None = None,
+        pool_id: Any = None,
     ) -> Pool:
         if client != LOCAL_CLIENT and not (0 <= client < MAX_CLIENTS):
             raise InvalidHandleError(f"client must be a node number 0..{MAX_CLIENTS - 1}")
@@ -135,7 +135,7 @@ class Tmem:
             self._shared[(client, uuid)] = pool
         return pool
 
-    def pool(self, pool_id: int, client: int = LOCAL_CLIENT) -> Pool:
+    def pool(self, pool_id: Any, client: int = LOCAL_CLIENT) -> Pool:
         """The live pool ``pool_id`` of ``client``, or :class:`UnknownPoolError`."""
         pool = None
         if type(pool_id) is int and 0 <= pool_id < MAX_POOLS_PER_CLIENT:

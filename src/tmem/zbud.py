@@ -242,11 +242,10 @@ class Zbud:
                 off = (frame + 1) * PAGE_SIZE - ((stored + CHUNK_SIZE - 1) & -CHUNK_SIZE)
                 pampd = frame << 1 | 1
         elif free_frames:  # first buddy of a fresh frame
-            frame = free_frames.pop()
+            frame = free_frames.pop()  # an empty frame: both sizes are already 0
             self.flags[frame] = F_USED
             self.cls[frame] = cls
             self.size0[frame] = stored
-            self.size1[frame] = 0
             i = (stored + CHUNK_SIZE - 1) >> CHUNK_SHIFT
             self.unbuddied[cls][i].append(frame)
             self.where[frame] = i | cls << 6
@@ -266,9 +265,10 @@ class Zbud:
             self._maybe_compact()
         c = self.counters[cls]
         c.zpages += 1
-        c.zbytes += stored - HANDLE_SIZE
+        clen = stored - HANDLE_SIZE
+        c.zbytes += clen
         c.cumul_zpages += 1
-        c.cumul_zbytes += stored - HANDLE_SIZE
+        c.cumul_zbytes += clen
         return pampd
 
     def match(self, cls: int, handle: Handle, data: bytes) -> int:

@@ -29,7 +29,7 @@ import sys
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from tmem.compress import PAGE_SIZE, Compressor, get_compressor
 from tmem.errors import (
@@ -62,6 +62,14 @@ __all__ = [
     "Zcache",
     "ZombiePage",
 ]
+
+# Argument types of the public entry points. They check their arguments themselves and
+# raise TmemError subclasses; when this module is compiled with mypyc, a precise
+# annotation would be enforced first and turn bad input into a bare TypeError.
+PoolIdArg = Any
+OidArg = Any
+IndexArg = Any
+PageArg = Any
 
 EPH_MAX_ZSIZE = MAX_BUDDY_SIZE  # 4000
 PERS_MAX_ZSIZE = PAGE_SIZE * 7 // 8  # 3584
@@ -204,10 +212,10 @@ class Zcache:
         self,
         persistent: bool = False,
         shared: bool = False,
-        uuid: bytes | None = None,
+        uuid: Any = None,
         *,
         client: int = LOCAL_CLIENT,
-        pool_id: int | None = None,
+        pool_id: PoolIdArg = None,
     ) -> int:
         """Create a pool and return its id (0..15 per client).
 
@@ -216,25 +224,25 @@ class Zcache:
         """
         return self.tmem.new_pool(bool(persistent), bool(shared), uuid, client, pool_id).pool_id
 
-    def _pool(self, pool_id: int, client: int) -> Pool:
+    def _pool(self, pool_id: PoolIdArg, client: int) -> Pool:
         pool = self._local.get(pool_id) if type(pool_id) is int and client == LOCAL_CLIENT else None
         return pool if pool is not None else self.tmem.pool(pool_id, client)
 
-    def is_persistent(self, pool_id: int, *, client: int = LOCAL_CLIENT) -> bool:
+    def is_persistent(self, pool_id: PoolIdArg, *, client: int = LOCAL_CLIENT) -> bool:
         return self._pool(pool_id, client).persistent
 
-    def has_pool(self, pool_id: int, *, client: int = LOCAL_CLIENT) -> bool:
+    def has_pool(self, pool_id: PoolIdArg, *, client: int = LOCAL_CLIENT) -> bool:
         try:
             self._pool(pool_id, client)
         except UnknownPoolError:
             return False
         return True
 
-    def destroy_pool(self, pool_id: int, *, client: int = LOCAL_CLIENT) -> int:
+    def destroy_pool(self, pool_id: PoolIdArg, *, client: int = LOCAL_CLIENT) -> int:
         """Flush every page of the pool and free its id; returns pages flushed."""
         return self.tmem.destroy_pool(self._pool(pool_id, client))
 
-    def pool_pages(self, pool_id: int, *, client: int = LOCAL_CLIENT) -> int:
+    def pool_pages(self, pool_id: PoolIdArg, *, client: int = LOCAL_CLIENT) -> int:
         return self._pool(pool_id, client).page_count()
 
     @property
@@ -358,10 +366,10 @@ class Zcache:
 
     def put(
         self,
-        pool_id: int,
-        oid: Oid,
-        index: int,
-        page: bytes,
+        pool_id: PoolIdArg,
+        oid: OidArg,
+        index: IndexArg,
+        page: PageArg,
         *,
         client: int = LOCAL_CLIENT,
     ) -> bool:
@@ -444,10 +452,10 @@ class Zcache:
 
     def put_status(
         self,
-        pool_id: int,
-        oid: Oid,
-        index: int,
-        page: bytes,
+        pool_id: PoolIdArg,
+        oid: OidArg,
+        index: IndexArg,
+        page: PageArg,
         *,
         client: int = LOCAL_CLIENT,
     ) -> PutResult:
@@ -471,7 +479,7 @@ class Zcache:
         zpages = c.zpages + self.same_filled[PERS]
         return zpages > 0 and c.zbytes > PERS_MAX_MEAN_ZSIZE * zpages
 
-    def _flush_quietly(self, pool: Pool, oid: Oid, index: int) -> None:
+    def _flush_quietly(self, pool: Pool, oid: OidArg, index: IndexArg) -> None:
         """Drop an older copy after a failed put (coherency: never return stale data)."""
         pages = pool.objects.get(oid)
         if pages is not None and index in pages:
@@ -501,7 +509,9 @@ class Zcache:
         self.tmem.put(pool, oid, index, pampd)
         return True
 
-    def put_many(self, pool_id: int, items: Iterable[tuple[Oid, int, bytes]]) -> list[bool]:
+    def put_many(
+        self, pool_id: PoolIdArg, items: Iterable[tuple[OidArg, IndexArg, PageArg]]
+    ) -> list[bool]:
         """Batch put: one result per ``(oid, index, page)``, in order."""
         put = self.put
         return [put(pool_id, oid, index, page) for oid, index, page in items]
@@ -510,9 +520,9 @@ class Zcache:
 
     def get(
         self,
-        pool_id: int,
-        oid: Oid,
-        index: int,
+        pool_id: PoolIdArg,
+        oid: OidArg,
+        index: IndexArg,
         free: bool | None = None,
         *,
         client: int = LOCAL_CLIENT,
@@ -569,7 +579,7 @@ class Zcache:
         return data
 
     def get_many(
-        self, pool_id: int, keys: Iterable[tuple[Oid, int]], free: bool | None = None
+        self, pool_id: PoolIdArg, keys: Iterable[tuple[OidArg, IndexArg]], free: bool | None = None
     ) -> list[bytes | None]:
         """Batch get: one page or None per ``(oid, index)``, in order."""
         get = self.get
@@ -577,7 +587,9 @@ class Zcache:
 
     # ---- flush -----------------------------------------------------------------------
 
-    def flush_page(self, pool_id: int, oid: Oid, index: int, *, client: int = LOCAL_CLIENT) -> bool:
+    def flush_page(
+        self, pool_id: PoolIdArg, oid: OidArg, index: IndexArg, *, client: int = LOCAL_CLIENT
+    ) -> bool:
         """Drop the page under the handle; True if there was one."""
         pool = self._pool(pool_id, client)
         check_oid(oid)
@@ -588,7 +600,7 @@ class Zcache:
             return True
         return False
 
-    def flush_object(self, pool_id: int, oid: Oid, *, client: int = LOCAL_CLIENT) -> int:
+    def flush_object(self, pool_id: PoolIdArg, oid: OidArg, *, client: int = LOCAL_CLIENT) -> int:
         """Drop every page of the object; returns how many there were."""
         pool = self._pool(pool_id, client)
         check_oid(oid)
@@ -601,7 +613,7 @@ class Zcache:
     # ---- hooks for writeback and RAMster ---------------------------------------------
 
     def lookup(
-        self, pool_id: int, oid: Oid, index: int, *, client: int = LOCAL_CLIENT
+        self, pool_id: PoolIdArg, oid: OidArg, index: IndexArg, *, client: int = LOCAL_CLIENT
     ) -> Pampd | None:
         """The raw pampd under the handle (int = local, other = remote), or None."""
         return self.tmem.lookup(self._pool(pool_id, client), check_oid(oid), check_index(index))
@@ -642,9 +654,9 @@ class Zcache:
 
     def replace(
         self,
-        pool_id: int,
-        oid: Oid,
-        index: int,
+        pool_id: PoolIdArg,
+        oid: OidArg,
+        index: IndexArg,
         pampd: Pampd,
         *,
         client: int = LOCAL_CLIENT,
@@ -670,7 +682,13 @@ class Zcache:
         return False
 
     def install_remote(
-        self, pool_id: int, oid: Oid, index: int, pampd: Pampd, *, client: int = LOCAL_CLIENT
+        self,
+        pool_id: PoolIdArg,
+        oid: OidArg,
+        index: IndexArg,
+        pampd: Pampd,
+        *,
+        client: int = LOCAL_CLIENT,
     ) -> None:
         """Map a handle to a remote pampd directly (e.g. a re-replicated page)."""
         if type(pampd) is int:
@@ -680,7 +698,7 @@ class Zcache:
         self.remote_pages[pool.persistent] += 1
 
     def remove_entry(
-        self, pool_id: int, oid: Oid, index: int, *, client: int = LOCAL_CLIENT
+        self, pool_id: PoolIdArg, oid: OidArg, index: IndexArg, *, client: int = LOCAL_CLIENT
     ) -> Pampd | None:
         """Unmap a handle and free its local storage, without calling remote hooks.
 
@@ -698,9 +716,9 @@ class Zcache:
 
     def put_compressed(
         self,
-        pool_id: int,
-        oid: Oid,
-        index: int,
+        pool_id: PoolIdArg,
+        oid: OidArg,
+        index: IndexArg,
         data: bytes,
         *,
         client: int = LOCAL_CLIENT,
@@ -740,9 +758,9 @@ class Zcache:
 
     def get_compressed(
         self,
-        pool_id: int,
-        oid: Oid,
-        index: int,
+        pool_id: PoolIdArg,
+        oid: OidArg,
+        index: IndexArg,
         free: bool | None = None,
         *,
         client: int = LOCAL_CLIENT,
