@@ -1,0 +1,265 @@
+"""`tmem serve` against `nbdkit memory` (the baseline), same clients, same run.
+
+Measures, for both servers over unix sockets:
+  * nbdcopy of a real-data image (files from /usr) into the export and back out
+    (MB/s, best of --repeat), with --connections;
+  * `qemu-img bench` 4 KiB requests at queue depth 32, write then read (IOPS);
+and for tmem alone a writeback run: an image of 4x the RAM budget written with a
+backing file (pages/s that landed in RAM while writeback ran, writeback pages, and
+whether any write failed), then read back and compared.
+
+Prints ratios tmem/nbdkit. Not a timed test; run it by hand:
+
+    python3 benchmarks/nbd_vs_nbdkit.py [--size 256MiB] [--connections 4] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+sys.path.insert(0, str(SRC))
+
+from tmem.sizes import format_size, parse_size  # noqa: E402
+
+
+def make_image(path: Path, size: int) -> str:
+    """``size`` bytes of real file contents from /usr (binaries, text, compressed data)."""
+    h = hashlib.sha256()
+    written = 0
+    with path.open("wb") as out:
+        for root in ("/usr/lib", "/usr/share", "/usr/bin"):
+            for dirpath, dirnames, filenames in os.walk(root):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    fp = os.path.join(dirpath, name)
+                    if os.path.islink(fp) or not os.path.isfile(fp):
+                        continue
+                    try:
+                        with open(fp, "rb") as f:
+                            data = f.read(size - written)
+                    except OSError:
+                        continue
+                    out.write(data)
+                    h.update(data)
+                    written += len(data)
+                    if written >= size:
+                        return h.hexdigest()
+    raise SystemExit("not enough files under /usr for the image")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def wait_for(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{what} did not start")
+        time.sleep(0.05)
+
+
+class Server:
+    def __init__(self, kind: str, tmp: Path, size: int, extra: list[str]) -> None:
+        self.kind = kind
+        self.sock = tmp / f"{kind}.sock"
+        self.stats_url: str | None = None
+        if kind == "nbdkit":
+            cmd = ["nbdkit", "-f", "-U", str(self.sock), "memory", str(size), *extra]
+            self.proc = subprocess.Popen(cmd)
+            wait_for(self.sock, self.proc, "nbdkit")
+        else:
+            ready = tmp / "tmem.ready"
+            ready.unlink(missing_ok=True)
+            cmd = [
+                sys.executable, "-m", "tmem", "serve", "--listen", f"unix:{self.sock}",
+                "--size", str(size), "--ready-file", str(ready), "--stats", "127.0.0.1:0",
+                "--log-level", "warning", *extra,
+            ]  # fmt: skip
+            env = dict(os.environ, PYTHONPATH=str(SRC))
+            self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+            wait_for(ready, self.proc, "tmem serve")
+            self.stats_url = json.loads(ready.read_text())["stats"]
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.sock}"
+
+    def stats(self) -> dict[str, Any]:
+        assert self.stats_url
+        with urllib.request.urlopen(self.stats_url + "/stats", timeout=10) as r:
+            data: dict[str, Any] = json.load(r)
+        return data
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        return self.proc.wait(timeout=60)
+
+
+def copy_opts(args: argparse.Namespace) -> list[str]:
+    """nbdcopy caps connections at its thread count (nproc by default): raise both."""
+    return [f"--connections={args.connections}", f"--threads={args.connections}"]
+
+
+def timed(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    if res.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr}")
+    return dt
+
+
+def qemu_bench(uri: str, count: int, write: bool) -> float:
+    cmd = ["qemu-img", "bench", "-f", "raw", "-c", str(count), "-d", "32", "-s", "4096"]
+    if write:
+        cmd += ["-w", "--pattern", "0x5a"]
+    res = subprocess.run([*cmd, uri], capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"qemu-img bench failed:\n{res.stderr}")
+    m = re.search(r"Run completed in ([0-9.]+) seconds", res.stdout)
+    if not m:
+        raise SystemExit(f"cannot parse qemu-img bench output:\n{res.stdout}")
+    return count / float(m.group(1))
+
+
+def throughput(args: argparse.Namespace, tmp: Path, image: Path, digest: str) -> dict[str, Any]:
+    """Both servers run at once and every measurement alternates between them, so a
+    change in machine load hits both sides alike; each figure is the best of --repeat."""
+    size = image.stat().st_size
+    kinds = ("nbdkit", "tmem")
+    servers: dict[str, Server] = {}
+    best: dict[str, dict[str, float]] = {k: {} for k in kinds}
+
+    def keep(kind: str, what: str, value: float) -> None:
+        best[kind][what] = max(best[kind].get(what, 0.0), value)
+
+    try:
+        for kind in kinds:
+            extra = ["--memory", args.memory] if kind == "tmem" else []
+            servers[kind] = Server(kind, tmp, size, extra)
+        ok: dict[str, bool] = {}
+        for _ in range(args.repeat):
+            for kind in kinds:
+                uri = servers[kind].uri
+                w = timed(["nbdcopy", *copy_opts(args), str(image), uri])
+                keep(kind, "write_MBps", size / w / 1e6)
+                out = tmp / f"out-{kind}.img"
+                r = timed(["nbdcopy", *copy_opts(args), uri, str(out)])
+                keep(kind, "read_MBps", size / r / 1e6)
+                ok[kind] = ok.get(kind, True) and sha256(out) == digest
+                out.unlink()
+        for _ in range(args.repeat):
+            for kind in kinds:
+                uri = servers[kind].uri
+                keep(kind, "write_iops", qemu_bench(uri, args.iops_count, True))
+                keep(kind, "read_iops", qemu_bench(uri, args.iops_count, False))
+    finally:
+        rcs = {kind: srv.stop() for kind, srv in servers.items()}
+    return {k: {**best[k], "sha256_match": ok[k], "exit": rcs[k]} for k in kinds}
+
+
+def writeback_run(args: argparse.Namespace, tmp: Path, image: Path, digest: str) -> dict[str, Any]:
+    """Write 4x the RAM budget with a backing file, read it all back."""
+    size = image.stat().st_size
+    memory = size // 4
+    backing = tmp / "backing.img"
+    srv = Server("tmem", tmp, size, ["--memory", str(memory), "--backing", str(backing)])
+    try:
+        t0 = time.perf_counter()
+        res = subprocess.run(
+            ["nbdcopy", *copy_opts(args), str(image), srv.uri], capture_output=True, text=True
+        )
+        elapsed = time.perf_counter() - t0
+        st = srv.stats()
+        out = tmp / "wb-out.img"
+        subprocess.run(["nbdcopy", *copy_opts(args), srv.uri, str(out)], check=True)
+        ok = sha256(out) == digest
+        out.unlink()
+    finally:
+        rc = srv.stop()
+        backing.unlink(missing_ok=True)
+    b = st["blockdev"]
+    return {
+        "image": format_size(size),
+        "memory": format_size(memory),
+        "seconds": elapsed,
+        "nbdcopy_exit": res.returncode,
+        "ram_stores": b["blockdev_ram_stores"],
+        "ram_pages_per_s": b["blockdev_ram_stores"] / elapsed,
+        "writeback_pages": b["blockdev_writeback_pages"],
+        "writeback_MBps": b["blockdev_writeback_bytes"] / elapsed / 1e6,
+        "backing_stores": b["blockdev_backing_stores"],
+        "enospc": b["blockdev_enospc"],
+        "request_errors": st["server"]["server_request_errors"],
+        "sha256_match": ok,
+        "exit": rc,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--size", default="256MiB")
+    ap.add_argument("--memory", default="512MiB", help="tmem RAM budget for the throughput run")
+    ap.add_argument("--connections", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--iops-count", type=int, default=100000)
+    ap.add_argument("--skip-writeback", action="store_true")
+    args = ap.parse_args()
+    for tool in ("nbdkit", "nbdcopy", "qemu-img"):
+        if shutil.which(tool) is None:
+            raise SystemExit(
+                f"{tool} is not installed (apt-get install nbdkit libnbd-bin qemu-utils)"
+            )
+    with tempfile.TemporaryDirectory(prefix="tmem-nbd-bench-") as d:
+        tmp = Path(d)
+        image = tmp / "image.raw"
+        digest = make_image(image, parse_size(args.size))
+        res = throughput(args, tmp, image, digest)
+        k, t = res["nbdkit"], res["tmem"]
+        print(f"nbdcopy {args.size}, {args.connections} connections, best of {args.repeat}:")
+        for what in ("write_MBps", "read_MBps"):
+            print(
+                f"  {what:11s} nbdkit {k[what]:8.1f}  tmem {t[what]:8.1f}  "
+                f"ratio {t[what] / k[what]:.2f}"
+            )
+        print(f"  round trip sha256 identical: nbdkit {k['sha256_match']} tmem {t['sha256_match']}")
+        print(f"qemu-img bench 4 KiB, depth 32, {args.iops_count} requests, best of {args.repeat}:")
+        for what in ("write_iops", "read_iops"):
+            print(
+                f"  {what:11s} nbdkit {k[what]:8.0f}  tmem {t[what]:8.0f}  "
+                f"ratio {t[what] / k[what]:.2f}"
+            )
+        print(f"  exit codes after SIGTERM: nbdkit {k['exit']} tmem {t['exit']}")
+        if not args.skip_writeback:
+            wb = writeback_run(args, tmp, image, digest)
+            print(f"writeback run ({wb['image']} into {wb['memory']} RAM + backing file):")
+            for key, value in wb.items():
+                print(
+                    f"  {key:16s} {value:.1f}"
+                    if isinstance(value, float)
+                    else f"  {key:16s} {value}"
+                )
+        print(json.dumps({"throughput": res, **({} if args.skip_writeback else {"writeback": wb})}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""`tmem serve` configuration (TOML + CLI overrides) and the stats renderers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tmem import ConfigError
+from tmem.nbd.config import Address, load_config
+from tmem.nbd.httpstats import render_json, render_metrics
+
+
+def test_defaults() -> None:
+    cfg = load_config()
+    assert [str(a) for a in cfg.listen] == ["127.0.0.1:10809"]
+    assert cfg.size == 1 << 30
+    assert cfg.compressor == "lz4"
+    assert cfg.backing is None
+    assert cfg.stats is None
+
+
+def test_toml_then_cli_overrides(tmp_path: Path) -> None:
+    f = tmp_path / "serve.toml"
+    f.write_text(
+        'listen = ["127.0.0.1:0", "unix:/tmp/x.sock"]\nsize = "64MiB"\nmemory = "8MiB"\n'
+        'compressor = "zstd"\nexport-name = "swap"\nmlock = false\n[cluster]\nnodes = 3\n'
+    )
+    cfg = load_config(f, {"memory": "16MiB", "compressor": None, "listen": ()})
+    assert cfg.size == 64 << 20
+    assert cfg.memory == 16 << 20  # CLI wins
+    assert cfg.compressor == "zstd"  # not given on the CLI: file wins
+    assert cfg.export_name == "swap"
+    assert cfg.listen[1].path == "/tmp/x.sock"
+    assert cfg.listen[0].port == 0
+
+
+def test_serve_section_is_accepted(tmp_path: Path) -> None:
+    f = tmp_path / "serve.toml"
+    f.write_text('[serve]\nsize = "8MiB"\n')
+    assert load_config(f).size == 8 << 20
+
+
+@pytest.mark.parametrize(
+    ("text", "msg"),
+    [
+        ("sise = 1\n", "unknown key"),
+        ('size = "lots"\n', "not a size"),
+        ("size = 1000\n", "multiple of 4 KiB"),
+        ('compressor = "gzip"\n', "unknown compressor"),
+        ('listen = "nohostport"\n', "HOST:PORT"),
+        ("mlock = 1\n", "true or false"),
+        ("size = [\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, msg: str) -> None:
+    f = tmp_path / "serve.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=msg):
+        load_config(f)
+
+
+def test_missing_config_file() -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config("/nonexistent/serve.toml")
+
+
+def test_address_parse() -> None:
+    assert str(Address.parse("[::1]:10809")) == "[::1]:10809"
+    assert Address.parse(":99").host == "127.0.0.1"
+    with pytest.raises(ConfigError):
+        Address.parse("unix:")
+    with pytest.raises(ConfigError):
+        Address.parse("host:99999")
+
+
+def _source() -> dict[str, dict[str, int | float]]:
+    return {
+        "zcache": {"frames_total": 16, "puts": 7},
+        "blockdev": {"blockdev_read_bytes": 4096, "blockdev_backing_pages": 2},
+        "server": {"server_connections": 1, "server_bad_clients": 3},
+    }
+
+
+def test_metrics_text_has_counters_and_gauges() -> None:
+    text = render_metrics(_source).decode()
+    assert "# TYPE tmem_blockdev_read_bytes_total counter" in text
+    assert "tmem_blockdev_read_bytes_total 4096.0" in text
+    assert "# TYPE tmem_blockdev_backing_pages gauge" in text
+    # zcache's names do not say counter or level: exported untyped
+    assert "# TYPE tmem_zcache_frames_total untyped" in text
+    assert "tmem_zcache_puts 7.0" in text
+    assert "tmem_server_bad_clients_total 3.0" in text
+
+
+def test_stats_json_sections() -> None:
+    data = json.loads(render_json(_source))
+    assert data["blockdev"]["blockdev_read_bytes"] == 4096
+    assert set(data) == {"zcache", "blockdev", "server"}

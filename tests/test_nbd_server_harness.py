@@ -1,0 +1,165 @@
+"""Helpers for the NBD tests: start a real `tmem serve` process, make real-data images.
+
+No tests here; the other test_nbd_server*/test_nbd_clients* modules import it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PAGE = 4096
+
+
+def need(*tools: str) -> None:
+    """Skip only when a client tool is genuinely missing (CI installs them)."""
+    for tool in tools:
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed (apt-get install libnbd-bin qemu-utils)")
+
+
+def need_libnbd_python() -> None:
+    if not Path("/usr/bin/python3").exists():
+        pytest.skip("no /usr/bin/python3")
+    probe = subprocess.run(["/usr/bin/python3", "-c", "import nbd"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("python3-libnbd not installed")
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen[bytes]
+    tcp: str  # host:port
+    unix: str  # socket path
+    stats_url: str | None
+    log: Path
+
+    @property
+    def uri(self) -> str:
+        return f"nbd://{self.tcp}"
+
+    @property
+    def unix_uri(self) -> str:
+        return f"nbd+unix:///?socket={self.unix}"
+
+    def stats(self) -> dict[str, Any]:
+        assert self.stats_url is not None
+        with urllib.request.urlopen(self.stats_url + "/stats", timeout=10) as r:
+            data: dict[str, Any] = json.load(r)
+        return data
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+
+def start_server(
+    tmp: Path, *args: str, stats: bool = True, timeout: float = 30, loop: str = "auto"
+) -> Served:
+    """Run `python -m tmem serve` on an ephemeral port + a unix socket; wait until ready."""
+    ready = tmp / f"ready-{time.monotonic_ns()}.json"
+    sock = tmp / f"nbd-{time.monotonic_ns()}.sock"
+    log = tmp / f"serve-{time.monotonic_ns()}.log"
+    cmd = [
+        sys.executable, "-m", "tmem", "serve",
+        "--listen", "127.0.0.1:0", "--listen", f"unix:{sock}",
+        "--ready-file", str(ready), "--log-level", "info", *args,
+    ]  # fmt: skip
+    if stats:
+        cmd += ["--stats", "127.0.0.1:0"]
+    env = dict(os.environ, PYTHONPATH=str(SRC), TMEM_EVENT_LOOP=loop)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"tmem serve exited {proc.returncode}:\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"tmem serve not ready:\n{log.read_text()}")
+        time.sleep(0.05)
+    info = json.loads(ready.read_text())
+    tcp = next(a for a in info["listen"] if not a.startswith("unix:"))
+    return Served(proc, tcp, str(sock), info.get("stats"), log)
+
+
+def serve_factory(tmp_path: Path) -> Iterator[Any]:
+    """Body of the ``serve`` fixtures: ``serve("--size", "64MiB")`` starts a server;
+    every server is killed at teardown if a test did not stop it."""
+    started: list[Served] = []
+
+    def factory(*args: str, stats: bool = True, loop: str = "auto") -> Served:
+        s = start_server(tmp_path, *args, stats=stats, loop=loop)
+        started.append(s)
+        return s
+
+    yield factory
+    for s in started:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait()
+
+
+def real_data_image(path: Path, size: int) -> str:
+    """Write ``size`` bytes of real file contents (from /usr) to ``path``; return sha256.
+
+    Files are read in a fixed order, so the image is the same on one machine; it
+    mixes binaries, text and compressed data like a real disk image does.
+    """
+    h = hashlib.sha256()
+    written = 0
+    with path.open("wb") as out:
+        for root in ("/usr/lib", "/usr/share", "/usr/bin"):
+            for dirpath, dirnames, filenames in os.walk(root):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    fp = os.path.join(dirpath, name)
+                    if os.path.islink(fp) or not os.path.isfile(fp):
+                        continue
+                    try:
+                        with open(fp, "rb") as f:
+                            data = f.read(size - written)
+                    except OSError:
+                        continue
+                    out.write(data)
+                    h.update(data)
+                    written += len(data)
+                    if written >= size:
+                        return h.hexdigest()
+        # a tiny /usr: pad with deterministic text so the size is exact
+        while written < size:
+            data = (b"tmem filler %d\n" % written) * 64
+            data = data[: size - written]
+            out.write(data)
+            h.update(data)
+            written += len(data)
+    return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{cmd} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
+    return res
