@@ -20,6 +20,12 @@ assert zc.get(pool, (1, 2, 3), 4) == page
 zc.flush_page(pool, (1, 2, 3), 4)
 zc.stats()
 import tmem.cli
+import tmem.nbd.cli
+import tmem.nbd.server
+from tmem.nbd.config import load_config
+dev = tmem.nbd.server.build_device(load_config(None, {"size": "1MiB", "memory": "1MiB"}))
+dev.write(0, page)
+assert dev.read(0, 4096) == page
 from click.testing import CliRunner
 assert CliRunner().invoke(tmem.cli.main, ["--help"]).exit_code == 0
 loaded = sorted(m for m in sys.modules if m == "tmem.ramster" or m.startswith("tmem.ramster."))
@@ -27,7 +33,7 @@ print(",".join(loaded) or "none")
 """
 
 
-def test_import_tmem_and_zcache_run_load_no_ramster() -> None:
+def test_import_tmem_zcache_and_plain_nbd_serve_load_no_ramster() -> None:
     env = dict(os.environ, PYTHONPATH=str(SRC))
     out = subprocess.run(
         [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True

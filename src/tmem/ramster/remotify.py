@@ -254,7 +254,9 @@ class PageEngine:
 
         True if there is room now; False if no peer could take more pages.
         """
-        errors_seen = self.peer_errors
+        if self.zc.frames_free >= frames:
+            return True
+        self.c.writes_held += 1
         retries = 0
         while self.zc.frames_free < frames:
             errors = self.peer_errors
@@ -263,9 +265,8 @@ class PageEngine:
                     retries += 1
                     await asyncio.sleep(0.01 * retries)
                     continue
+                self.c.writes_failed_nomem += 1
                 return False
-        if self.peer_errors != errors_seen or retries:
-            self.c.writes_held += 1
         return True
 
     async def fetch_remote(self, pool_id: int, oid: Oid, index: int, pampd: object) -> bytes:
