@@ -6,11 +6,10 @@ down (and re-replicates what they held), remotifies LRU pages when local free
 frames fall under the low watermark, repatriates when memory frees up, and
 serves its local clients.
 
-Local clients reach the node through the *control API*: length-prefixed
-msgpack requests on a unix socket (``--control PATH``).  The NBD export of
-``tmem serve`` plugs in at :meth:`Node.attach_export` (it needs only
-``put``/``get``/``flush_*`` on :attr:`Node.engine`); until the NBD server is on
-main the control API is the node's front door and what the tests drive.
+Local clients reach the node through its NBD export (``tmem serve --cluster``,
+see :mod:`tmem.ramster.export`, which builds the device on the node's Zcache)
+and through the *control API*: length-prefixed msgpack requests on a unix
+socket (``--control PATH``) for pools, pages, counters and reload.
 
 Control frames are bounded (``MAX_CONTROL_FRAME``) before anything is buffered;
 a malformed request gets an error reply, never a crash.
