@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from tmem.compress import get_compressor  # noqa: E402
 from tmem.ramster.config import load_config  # noqa: E402
+from tmem.ramster.node import loop_factory  # noqa: E402
 from tmem.ramster.remotify import Blob, Key, PutStatus  # noqa: E402
 from tmem.ramster.transport import Transport  # noqa: E402
 
@@ -258,8 +259,9 @@ def main() -> None:
             for name, blobs in (("stored", stored), ("raw", raw)):
                 datas = [b for b, _ in blobs]
                 rd = redis_run(rport, datas, args.batch, f"{name}{rnd}")
-                r1 = asyncio.run(ramster_run(cluster, blobs, args.batch, pool=0, inflight=1))
-                r2 = asyncio.run(ramster_run(cluster, blobs, args.batch, pool=1, inflight=2))
+                with asyncio.Runner(loop_factory=loop_factory()) as runner:
+                    r1 = runner.run(ramster_run(cluster, blobs, args.batch, pool=0, inflight=1))
+                    r2 = runner.run(ramster_run(cluster, blobs, args.batch, pool=1, inflight=2))
                 results.setdefault(name, []).append((*rd, *r1, *r2))
         print(
             f"{'payload':8s} {'op':4s} {'redis p/s':>10s} {'ramster/1':>10s} {'ratio':>6s}"

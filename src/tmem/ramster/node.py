@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import struct
 import time
@@ -503,7 +504,23 @@ def serve_node(
         control=control,
         metrics=metrics,
     )
-    asyncio.run(node.run())
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(node.run())
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed (less per-message overhead), else asyncio's own loop.
+
+    ``TMEM_EVENT_LOOP=asyncio`` forces the standard loop (as for ``tmem serve``).
+    """
+    if os.environ.get("TMEM_EVENT_LOOP", "auto") == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 __all__ = ["ControlClient", "ControlError", "Node", "serve_node"]

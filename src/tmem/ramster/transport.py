@@ -539,13 +539,21 @@ class Transport:
         return out
 
     async def get_pages(self, node: int, keys: list[Key], free: bool) -> list[Blob | None]:
-        # Persistence of the pool is recorded by the receiver; the flag is informative.
-        per = max(1, (self.max_payload - 64) // (wire.ITEM_OVERHEAD + 4096))
+        """Fetch pages in as few GetBatch frames as the reply size limit allows (a raw
+        page is 4 KiB), all in flight at once, in even chunks."""
+        most = max(1, (self.max_payload - 64) // (wire.ITEM_OVERHEAD + 4096))
+        nchunks = max(1, -(-len(keys) // most))
+        per = -(-len(keys) // nchunks) if keys else 1
+        me, pk = self.local.number, wire.PageKey
+        chunks = [
+            [pk(me, p, True, o, x) for p, o, x in keys[i : i + per]]
+            for i in range(0, len(keys), per)
+        ]
+        replies = await asyncio.gather(
+            *(self.request(node, wire.GetBatch, keys=ch, free=free) for ch in chunks)
+        )
         out: list[Blob | None] = []
-        for i in range(0, len(keys), per):
-            me, pk = self.local.number, wire.PageKey
-            chunk = [pk(me, p, True, o, x) for p, o, x in keys[i : i + per]]
-            reply = await self.request(node, wire.GetBatch, keys=chunk, free=free)
+        for chunk, reply in zip(chunks, replies, strict=True):
             if not isinstance(reply, wire.GetBatchReply) or len(reply.items) != len(chunk):
                 raise PeerError(f"node {node}: bad get reply")
             out.extend(
