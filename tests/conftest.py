@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 
 PAGE = 4096
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+def _find_corpus() -> Path:
+    """``shared/corpus`` beside the checkout (or beside any folder above it)."""
+    for parent in Path(__file__).resolve().parents:
+        candidate = parent / "shared" / "corpus"
+        if candidate.is_dir():
+            return candidate
+    return Path("/nonexistent/shared/corpus")
+
+
+CORPUS = _find_corpus()
 
 
 def _generated_pages(n: int, seed: int) -> list[bytes]:
