@@ -99,9 +99,29 @@ def config_from_options(config_file: str | None, **options: Any) -> ServeConfig:
 
 @click.command(help=_HELP, context_settings={"help_option_names": ["-h", "--help"]})
 @serve_options
-def serve(config_file: str | None, **options: Any) -> None:
+@click.option(
+    "--cluster",
+    "cluster_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="RAMster cluster file: run as a cluster node (needs --node).",
+)
+@click.option("--node", "node_name", help="This node's name in the --cluster file.")
+@click.option("--cluster-control", type=click.Path(), help="Unix socket of the node's control API.")
+@click.option("--cluster-metrics", metavar="HOST:PORT", help="The node's Prometheus /metrics.")
+def serve(
+    config_file: str | None,
+    cluster_file: str | None,
+    node_name: str | None,
+    cluster_control: str | None,
+    cluster_metrics: str | None,
+    **options: Any,
+) -> None:
     from tmem.nbd.server import run
 
+    if (cluster_file is None) != (node_name is None):
+        raise click.UsageError("--cluster and --node go together")
+    if cluster_file is None and (cluster_control or cluster_metrics):
+        raise click.UsageError("--cluster-control/--cluster-metrics need --cluster")
     try:
         config = config_from_options(config_file, **options)
     except TmemError as exc:
@@ -112,6 +132,22 @@ def serve(config_file: str | None, **options: Any) -> None:
         stream=sys.stderr,
     )
     try:
-        run(config)
+        if cluster_file is not None and node_name is not None:
+            # Only here is the cluster layer imported (plain serve never loads it).
+            from tmem.ramster.export import serve_cluster_export
+
+            metrics = None
+            if cluster_metrics:
+                host, _, port = cluster_metrics.rpartition(":")
+                if not host or not port.isdigit():
+                    raise click.UsageError(
+                        f"--cluster-metrics: expected HOST:PORT, got {cluster_metrics!r}"
+                    )
+                metrics = (host, int(port))
+            serve_cluster_export(
+                config, cluster_file, node_name, control=cluster_control, metrics=metrics
+            )
+        else:
+            run(config)
     except TmemError as exc:
         raise click.ClickException(str(exc)) from exc
