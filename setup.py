@@ -17,7 +17,6 @@ COMPILED = [
     "src/tmem/zbud.py",
     "src/tmem/zcache.py",
     "src/tmem/nbd/protocol.py",
-    "src/tmem/nbd/blockdev.py",
 ]
 
 ext_modules = []

@@ -578,26 +578,6 @@ class BlockDevice:
         self.counters.read_bytes += length
         return self._read_runs(offset, length)
 
-    async def aread_runs(self, offset: int, length: int) -> list[list[bytes] | int]:
-        """:meth:`read_runs` in chunks, yielding to the loop between them."""
-        self._check(offset, length, errno.EINVAL)
-        self.counters.read_bytes += length
-        out: list[list[bytes] | int] = []
-        for pos, size in self._chunks(offset, length):
-            part = await self._with_remote(pos, size, partial(self._read_runs, pos, size))
-            if out and part:
-                last, first = out[-1], part[0]
-                if isinstance(last, int) and isinstance(first, int):  # merge adjacent holes
-                    out[-1] = last + first
-                    part = part[1:]
-                elif isinstance(last, list) and isinstance(first, list):  # and data runs
-                    last.extend(first)
-                    part = part[1:]
-            out.extend(part)
-            if size == CHUNK_PAGES * PAGE_SIZE:
-                await asyncio.sleep(0)
-        return out
-
     async def awrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """:meth:`write` in chunks, yielding to the loop between them."""
         buf = data if isinstance(data, bytes) else bytes(memoryview(data).cast("B"))

@@ -29,7 +29,7 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from tmem.errors import ConfigError, RemotePageError
@@ -357,9 +357,11 @@ class _NbdProtocol(asyncio.Protocol):
         self._out.extend(parts)
         self._out_bytes += req.length if data is not None else 16
 
-    def _reply_read(self, req: proto.Request, extents: list[list[bytes] | int]) -> None:
-        """A READ reply from runs of pages and holes: no join copy (the pages go out in
-        one writev); holes cost 32 bytes on the wire under structured replies."""
+    def _reply_read(
+        self, req: proto.Request, extents: Sequence[bytes | int] | Sequence[list[bytes] | int]
+    ) -> None:
+        """A READ reply from data (buffers, or runs of pages: no join copy, the pages go
+        out in one writev) and holes (32 bytes on the wire under structured replies)."""
         if self.transport is None or self.transport.is_closing():
             return
         if not extents:
@@ -367,7 +369,9 @@ class _NbdProtocol(asyncio.Protocol):
             return
         only = extents[0]
         if len(extents) == 1 and isinstance(only, list) and len(only) == 1:
-            self._reply(req, 0, only[0])  # one buffer: the simplest reply
+            only = only[0]
+        if len(extents) == 1 and isinstance(only, bytes):
+            self._reply(req, 0, only)  # one buffer: the simplest reply
             return
         try:
             parts = self.conn.reply_read(req, extents)
@@ -444,7 +448,7 @@ class _NbdProtocol(asyncio.Protocol):
         cmd = req.command
         try:
             if cmd is proto.Command.READ:
-                self._reply_read(req, await dev.aread_runs(req.offset, req.length))
+                self._reply_read(req, await dev.aread_extents(req.offset, req.length))
                 return
             if cmd is proto.Command.WRITE:
                 assert req.payload is not None
