@@ -8,7 +8,9 @@ and for tmem alone a writeback run: an image of 4x the RAM budget written with a
 backing file (pages/s that landed in RAM while writeback ran, writeback pages, and
 whether any write failed), then read back and compared.
 
-Prints ratios tmem/nbdkit. Not a timed test; run it by hand:
+Prints ratios tmem/nbdkit, and each server's CPU time per 4 KiB page or request (from
+/proc/PID/stat, all threads): on a loaded machine the throughput ratios move with the
+load, the CPU cost per page much less. Not a timed test; run it by hand:
 
     python3 benchmarks/nbd_vs_nbdkit.py [--size 256MiB] [--connections 4] [--repeat 3]
 """
@@ -109,6 +111,11 @@ class Server:
             data: dict[str, Any] = json.load(r)
         return data
 
+    def cpu(self) -> float:
+        """CPU seconds (user + system, all threads) the server process has used."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> int:
         self.proc.terminate()
         return self.proc.wait(timeout=60)
@@ -149,8 +156,15 @@ def throughput(args: argparse.Namespace, tmp: Path, image: Path, digest: str) ->
     servers: dict[str, Server] = {}
     best: dict[str, dict[str, float]] = {k: {} for k in kinds}
 
+    cpu: dict[str, dict[str, float]] = {k: {} for k in kinds}  # CPU s per page/request
+
     def keep(kind: str, what: str, value: float) -> None:
         best[kind][what] = max(best[kind].get(what, 0.0), value)
+
+    def charge(kind: str, what: str, seconds: float, units: int) -> None:
+        """Keep the lowest CPU cost per unit seen for ``what``."""
+        per = seconds / units
+        cpu[kind][what] = min(cpu[kind].get(what, per), per)
 
     try:
         for kind in kinds:
@@ -159,22 +173,37 @@ def throughput(args: argparse.Namespace, tmp: Path, image: Path, digest: str) ->
         ok: dict[str, bool] = {}
         for _ in range(args.repeat):
             for kind in kinds:
-                uri = servers[kind].uri
+                srv = servers[kind]
+                uri = srv.uri
+                c0 = srv.cpu()
                 w = timed(["nbdcopy", *copy_opts(args), str(image), uri])
+                c1 = srv.cpu()
                 keep(kind, "write_MBps", size / w / 1e6)
+                charge(kind, "write_MBps", c1 - c0, size // 4096)
                 out = tmp / f"out-{kind}.img"
                 r = timed(["nbdcopy", *copy_opts(args), uri, str(out)])
                 keep(kind, "read_MBps", size / r / 1e6)
+                charge(kind, "read_MBps", srv.cpu() - c1, size // 4096)
                 ok[kind] = ok.get(kind, True) and sha256(out) == digest
                 out.unlink()
         for _ in range(args.repeat):
             for kind in kinds:
-                uri = servers[kind].uri
-                keep(kind, "write_iops", qemu_bench(uri, args.iops_count, True))
-                keep(kind, "read_iops", qemu_bench(uri, args.iops_count, False))
+                srv = servers[kind]
+                for what, write in (("write_iops", True), ("read_iops", False)):
+                    c0 = srv.cpu()
+                    keep(kind, what, qemu_bench(srv.uri, args.iops_count, write))
+                    charge(kind, what, srv.cpu() - c0, args.iops_count)
     finally:
         rcs = {kind: srv.stop() for kind, srv in servers.items()}
-    return {k: {**best[k], "sha256_match": ok[k], "exit": rcs[k]} for k in kinds}
+    return {
+        k: {
+            **best[k],
+            "cpu_us": {w: round(v * 1e6, 2) for w, v in cpu[k].items()},
+            "sha256_match": ok[k],
+            "exit": rcs[k],
+        }
+        for k in kinds
+    }
 
 
 def writeback_run(args: argparse.Namespace, tmp: Path, image: Path, digest: str) -> dict[str, Any]:
@@ -239,14 +268,16 @@ def main() -> None:
         for what in ("write_MBps", "read_MBps"):
             print(
                 f"  {what:11s} nbdkit {k[what]:8.1f}  tmem {t[what]:8.1f}  "
-                f"ratio {t[what] / k[what]:.2f}"
+                f"ratio {t[what] / k[what]:.2f}   server CPU us/page: "
+                f"nbdkit {k['cpu_us'][what]:.2f} tmem {t['cpu_us'][what]:.2f}"
             )
         print(f"  round trip sha256 identical: nbdkit {k['sha256_match']} tmem {t['sha256_match']}")
         print(f"qemu-img bench 4 KiB, depth 32, {args.iops_count} requests, best of {args.repeat}:")
         for what in ("write_iops", "read_iops"):
             print(
                 f"  {what:11s} nbdkit {k[what]:8.0f}  tmem {t[what]:8.0f}  "
-                f"ratio {t[what] / k[what]:.2f}"
+                f"ratio {t[what] / k[what]:.2f}   server CPU us/request: "
+                f"nbdkit {k['cpu_us'][what]:.2f} tmem {t['cpu_us'][what]:.2f}"
             )
         print(f"  exit codes after SIGTERM: nbdkit {k['exit']} tmem {t['exit']}")
         if not args.skip_writeback:
