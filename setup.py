@@ -12,7 +12,12 @@ import os
 
 from setuptools import setup
 
-COMPILED = ["src/tmem/tmem_core.py", "src/tmem/zbud.py", "src/tmem/zcache.py"]
+COMPILED = [
+    "src/tmem/tmem_core.py",
+    "src/tmem/zbud.py",
+    "src/tmem/zcache.py",
+    "src/tmem/ramster/wire.py",
+]
 
 ext_modules = []
 if not os.environ.get("TMEM_PURE_PYTHON"):
