@@ -17,6 +17,7 @@ COMPILED = [
     "src/tmem/zbud.py",
     "src/tmem/zcache.py",
     "src/tmem/ramster/wire.py",
+    "src/tmem/ramster/fastpath.py",
 ]
 
 ext_modules = []

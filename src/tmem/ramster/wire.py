@@ -1034,7 +1034,8 @@ class Connection:
         self._hs = handshake
         self._authenticated = handshake is None
         self._closed = False
-        self._buf = bytearray()
+        self._parts: list[memoryview] = []  # views of the chunks of an incomplete frame
+        self._have = 0  # bytes in _parts
         self._need = HEADER_SIZE  # bytes the buffered frame needs in total
         self._hdr: tuple[int, ...] | None = None  # parsed header of the buffered frame
         self._events: deque[Event] = deque()
@@ -1063,12 +1064,13 @@ class Connection:
     @property
     def buffered(self) -> int:
         """Bytes of an incomplete frame currently held (≤ HEADER_SIZE + max_payload)."""
-        return len(self._buf)
+        return self._have
 
     def close(self) -> None:
         """Local close: drop buffers; later data is ignored."""
         self._closed = True
-        self._buf = bytearray()
+        self._parts = []
+        self._have = 0
         self._hdr = None
 
     # -- output
@@ -1099,14 +1101,15 @@ class Connection:
         return NEED_DATA
 
     def receive_data(self, data: Buffer) -> None:
-        """Feed bytes from the peer; ``b""`` signals EOF. Never raises for peer input."""
+        """Feed bytes from the peer; ``b""`` signals EOF. Never raises for peer input.
+
+        Complete frames are decoded straight from ``data``; a frame split across
+        calls is kept as views of the chunks it came in and joined once (one copy)."""
         if self._closed:
             return
         if not data:
-            if self._buf:
-                self._fail(
-                    ProtocolError("truncated", f"EOF inside a frame ({len(self._buf)} bytes)")
-                )
+            if self._have:
+                self._fail(ProtocolError("truncated", f"EOF inside a frame ({self._have} bytes)"))
             else:
                 self._end(ConnectionClosed())
             return
@@ -1115,32 +1118,36 @@ class Connection:
         mv = memoryview(data)
         pos = 0
         n = len(data)
-        buf = self._buf
         hdr_size = HEADER_SIZE
         while pos < n and not self._closed:
-            if buf:
-                take = min(self._need - len(buf), n - pos)
-                buf += mv[pos : pos + take]
+            if self._have:
+                take = min(self._need - self._have, n - pos)
+                self._parts.append(mv[pos : pos + take])
+                self._have += take
                 pos += take
-                if len(buf) < self._need:
+                if self._have < self._need:
                     break
-                if self._hdr is None:
-                    hdr = self._check_header(buf, 0)
+                if self._hdr is None:  # the parts are exactly one header
+                    head = b"".join(self._parts)
+                    hdr = self._check_header(head, 0)
                     if hdr is None:
                         return
                     self._hdr = hdr
                     self._need = hdr_size + hdr[7]
+                    self._parts = [memoryview(head)]
                     if hdr[7]:
                         continue
-                frame = bytes(buf)
+                frame = b"".join(self._parts)
                 hdr = self._hdr
-                buf.clear()
+                self._parts = []
+                self._have = 0
                 self._hdr = None
                 self._need = hdr_size
                 self._frame(hdr, memoryview(frame), 0)
             else:
                 if n - pos < hdr_size:
-                    buf += mv[pos:]
+                    self._parts.append(mv[pos:])
+                    self._have = n - pos
                     self._need = hdr_size
                     break
                 hdr = self._check_header(mv, pos)
@@ -1148,7 +1155,8 @@ class Connection:
                     return
                 end = pos + hdr_size + hdr[7]
                 if end > n:
-                    buf += mv[pos:]
+                    self._parts.append(mv[pos:])
+                    self._have = n - pos
                     self._hdr = hdr
                     self._need = hdr_size + hdr[7]
                     break
