@@ -24,6 +24,9 @@ Oid = tuple[int, int, int]
 Key = tuple[int, Oid, int]  # (pool_id, oid, index) in the owner's numbering
 Blob = tuple[bytes, bool]  # a page's stored form: (data, compressed)
 
+# NamedTuples built without their Python-level __new__ (as the wire decoder does)
+_tnew = tuple.__new__
+
 # remotify.PutStatus values (wire values), repeated here to keep this module leaf-level.
 STORED: Final = 0
 FULL: Final = 1
@@ -77,6 +80,18 @@ def fetch_pages(
     zc: Zcache, client: int, pools: set[int], keys: Iterable[Key], free: bool
 ) -> list[Blob | None]:
     """A peer's pages in their stored form; None for a miss or a pool not in ``pools``."""
+    keys = list(keys)
+    if keys and not free:
+        # The usual batch: one pool, nothing removed. A bad key raises before anything
+        # changed, and then the per-page loop below answers it as a miss.
+        pool_id = keys[0][0]
+        if pool_id in pools and all(k[0] == pool_id for k in keys):
+            try:
+                return zc.get_compressed_many(
+                    pool_id, [(k[1], k[2]) for k in keys], False, client=client
+                )
+            except TmemError:
+                pass
     out: list[Blob | None] = []
     for key in keys:
         pool_id, oid, index = key
@@ -110,47 +125,34 @@ def put_entries(items: Sequence[PutItem]) -> tuple[list[tuple[Key, bytes, bool]]
 
 def key_tuples(keys: Sequence[PageKey]) -> list[Key]:
     """PageKeys of a GetBatch as (pool_id, oid, index)."""
-    return [(k.pool_id, k.oid, k.index) for k in keys]
+    return [(k[1], k[3], k[4]) for k in keys]
 
 
 def get_results(keys: Sequence[PageKey], pages: Sequence[Blob | None]) -> list[GetResult]:
     """Pair a GetBatch's keys with the handler's answers, in order."""
     if len(keys) != len(pages):
         raise ValueError("one answer per key")
-    out: list[GetResult] = []
-    for i in range(len(keys)):
-        p = pages[i]
-        if p is None:
-            out.append(GetResult(keys[i], None))
-        else:
-            out.append(GetResult(keys[i], p[0], p[1]))
-    return out
+    return [
+        _tnew(GetResult, (k, None, True)) if p is None else _tnew(GetResult, (k, p[0], p[1]))
+        for k, p in zip(keys, pages, strict=True)
+    ]
 
 
 def put_items(
     node: int, persistent: bool, items: Iterable[tuple[Key, Buffer, bool]]
 ) -> list[PutItem]:
     """Handler-format pages of ``node`` as wire PutItems."""
-    out: list[PutItem] = []
-    for key, data, compressed in items:
-        pool_id, oid, index = key
-        out.append(PutItem(PageKey(node, pool_id, persistent, oid, index), data, compressed))
-    return out
+    return [
+        _tnew(PutItem, (_tnew(PageKey, (node, k[0], persistent, k[1], k[2])), d, c))
+        for k, d, c in items
+    ]
 
 
 def page_keys(node: int, keys: Sequence[Key], start: int, end: int) -> list[PageKey]:
     """``keys[start:end]`` of ``node`` as persistent-class wire PageKeys (get batches)."""
-    out: list[PageKey] = []
-    for i in range(start, min(end, len(keys))):
-        pool_id, oid, index = keys[i]
-        out.append(PageKey(node, pool_id, True, oid, index))
-    return out
+    return [_tnew(PageKey, (node, k[0], True, k[1], k[2])) for k in keys[start:end]]
 
 
 def blobs(items: Sequence[GetResult]) -> list[Blob | None]:
     """A GetBatchReply's pages as owned bytes (None = miss)."""
-    out: list[Blob | None] = []
-    for it in items:
-        d = it.data
-        out.append(None if d is None else (bytes(d), it.compressed))
-    return out
+    return [None if it[1] is None else (bytes(it[1]), it[2]) for it in items]
