@@ -12,7 +12,7 @@ pools a client may use, the reserve) stays with the callers in
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Final
+from typing import Any, Final
 
 from tmem.compress import PAGE_SIZE
 from tmem.errors import TmemError
@@ -23,6 +23,10 @@ from .wire import Buffer, GetResult, PageKey, PutItem
 Oid = tuple[int, int, int]
 Key = tuple[int, Oid, int]  # (pool_id, oid, index) in the owner's numbering
 Blob = tuple[bytes, bool]  # a page's stored form: (data, compressed)
+# Keys handed in by callers are typed loosely on purpose: compiled, a malformed key
+# must reach Zcache's own checks (InvalidHandleError, answered per page), not fail
+# mypyc's argument type check with a TypeError.
+KeyArg = tuple[Any, Any, Any]
 
 # NamedTuples built without their Python-level __new__ (as the wire decoder does)
 _tnew = tuple.__new__
@@ -37,7 +41,7 @@ BAD: Final = 3
 def store_pages(
     zc: Zcache,
     client: int,
-    items: Iterable[tuple[Key, bytes, bool]],
+    items: Iterable[tuple[KeyArg, bytes, bool]],
     pool_ok: Callable[[int], bool],
     low_frames: int,
 ) -> tuple[list[int], int]:
@@ -77,7 +81,7 @@ def store_pages(
 
 
 def fetch_pages(
-    zc: Zcache, client: int, pools: set[int], keys: Iterable[Key], free: bool
+    zc: Zcache, client: int, pools: set[int], keys: Iterable[KeyArg], free: bool
 ) -> list[Blob | None]:
     """A peer's pages in their stored form; None for a miss or a pool not in ``pools``."""
     keys = list(keys)
