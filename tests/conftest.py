@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 PAGE = 4096
+
+
 def _find_corpus() -> Path:
     """``shared/corpus`` beside the checkout (or beside any folder above it)."""
     for parent in Path(__file__).resolve().parents:

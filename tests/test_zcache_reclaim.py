@@ -169,3 +169,25 @@ def test_foreign_client_pools_and_raw_puts(anon_pages: list[bytes]) -> None:
     assert zc.get(5, (1, 1, 1), 9, client=3) is None
     assert pool == 5
     assert zc.zbud.counters[EPH].pageframes == 0
+
+
+def test_evict_ephemeral_shrinks_cache_only(
+    anon_pages: list[bytes], file_pages: list[bytes]
+) -> None:
+    zc = Zcache(memory=64 * PAGE)
+    eph = zc.new_pool()
+    pers = zc.new_pool(persistent=True)
+    stored = set()
+    for i in range(40):
+        zc.put(eph, (1, 0, 0), i, file_pages[i])
+        if zc.put(pers, (2, 0, 0), i, anon_pages[i]):
+            stored.add(i)
+    eph_frames = zc.zbud.counters[EPH].pageframes
+    free_before = zc.frames_free
+    assert zc.evict_ephemeral(3) == 3
+    assert zc.zbud.counters[EPH].pageframes == eph_frames - 3
+    assert zc.frames_free == free_before + 3
+    assert zc.evict_ephemeral(10_000) == eph_frames - 3  # stops when no cache is left
+    assert zc.stats()["eph_zpages"] == 0
+    assert all(zc.get(pers, (2, 0, 0), i) == anon_pages[i] for i in stored)  # untouched
+    assert zc.stats()["pers_zpages"] == len(stored)
