@@ -17,6 +17,8 @@ COMPILED = [
     "src/tmem/zbud.py",
     "src/tmem/zcache.py",
     "src/tmem/nbd/protocol.py",
+    "src/tmem/ramster/wire.py",
+    "src/tmem/ramster/fastpath.py",
 ]
 
 ext_modules = []

@@ -785,6 +785,67 @@ class Zcache:
             self.free(pool, oid, index, pampd)
         return out
 
+    def get_compressed_many(
+        self,
+        pool_id: PoolIdArg,
+        keys: Iterable[tuple[OidArg, IndexArg]],
+        free: bool | None = None,
+        *,
+        client: int = LOCAL_CLIENT,
+    ) -> list[tuple[bytes, bool] | None]:
+        """Batch :meth:`get_compressed` for one pool: one result per ``(oid, index)``.
+
+        For a RAMster node answering a peer's get batch: the pool and the arena are
+        looked up once, and a handle that is found needs no validation (it was
+        validated when stored), as in :meth:`get`. Raises like :meth:`get_compressed`
+        (bad handle, remote page) at the first such key; pages before it were read
+        (and, when freeing, removed).
+        """
+        pool = self._pool(pool_id, client)
+        objects = pool.objects
+        remove = bool(free) or (free is None and not pool.persistent)
+        mm = self._mm
+        size0 = self._size0
+        size1 = self._size1
+        out: list[tuple[bytes, bool] | None] = []
+        for oid, index in keys:
+            try:
+                pages = objects.get(oid)
+            except TypeError:
+                raise InvalidHandleError(
+                    f"oid must be a tuple of three ints, got {oid!r}"
+                ) from None
+            if pages is None:
+                check_oid(oid)
+                check_index(index)
+                out.append(None)
+                continue
+            pampd = pages.get(index)
+            if pampd is None:
+                check_index(index)
+                out.append(None)
+                continue
+            if type(pampd) is not int:
+                raise RemotePageError(pampd)
+            frame = pampd >> 1
+            if pampd < 0:
+                out.append((self._read(pampd), False))
+            elif pampd & 1:  # zbud's span(), inlined as in get()
+                stored = size1[frame]
+                start = (frame + 1) * PAGE_SIZE - ((stored + CHUNK_SIZE - 1) & -CHUNK_SIZE)
+                out.append((mm[start + HANDLE_SIZE : start + stored], True))
+            else:
+                stored = size0[frame]
+                start = frame * PAGE_SIZE
+                if stored == PAGE_SIZE:  # a huge page: kept raw
+                    out.append((mm[start : start + PAGE_SIZE], False))
+                else:
+                    out.append((mm[start + HANDLE_SIZE : start + stored], True))
+            if remove:
+                self.tmem.remove(pool, oid, index)
+                self.free(pool, oid, index, pampd)
+        return out
+
     def decompress(self, data: bytes) -> bytes:
         """Decompress a stored page (e.g. one that came back from a peer)."""
         return self._decompress(data)

@@ -195,6 +195,9 @@ class Membership:
                 "downs": p.downs,
                 "restarts": p.restarts,
                 "silent_for": None if p.last_heard is None else round(now - p.last_heard, 3),
+                # when it was declared down, on the node's clock (time.monotonic: the
+                # same clock for every process of the host, so tests can time it)
+                "down_since": p.down_since,
             }
             for num, p in sorted(self.peers.items())
         ]

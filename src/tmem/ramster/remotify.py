@@ -44,10 +44,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tmem.compress import PAGE_SIZE
 from tmem.errors import RemotePageError, TmemError, UnknownPoolError
 from tmem.zcache import LOCAL_CLIENT, Oid, PutResult, Zcache, ZombiePage
 
+from . import fastpath
 from .policy import TargetPolicy
 
 log = logging.getLogger("tmem.ramster.remotify")
@@ -59,10 +59,10 @@ Blob = tuple[bytes, bool]  # a page's stored form: (data, compressed)
 class PutStatus:
     """Per-page status of a remote put (wire values)."""
 
-    STORED = 0
-    FULL = 1  # receiver out of room (or under its reserve): sender keeps the page
-    POOR = 2  # did not compress well enough
-    BAD = 3  # bad pool / handle / page
+    STORED = fastpath.STORED
+    FULL = fastpath.FULL  # receiver out of room (or under its reserve): sender keeps the page
+    POOR = fastpath.POOR  # did not compress well enough
+    BAD = fastpath.BAD  # bad pool / handle / page
 
 
 class PeerError(TmemError):
@@ -712,60 +712,22 @@ class PageEngine:
     ) -> list[int]:
         """A peer's remote put: store within our budget, keep our own reserve.
 
-        Hot path of remotify (and of the benchmark): checks hoisted per batch.
+        Hot path of remotify (and of the benchmark): the per-page loop is
+        :func:`tmem.ramster.fastpath.store_pages` (compiled with mypyc).
         """
-        out: list[int] = []
-        append = out.append
-        zc = self.zc
-        put = zc.put_compressed
-        low = self.low_frames
-        pool_ok: dict[int, bool] = {}
-        stored = PutResult.STORED
-        refused = 0
-        for (pool_id, oid, index), data, compressed in items:
-            ok = pool_ok.get(pool_id)
-            if ok is None:
-                ok = pool_ok[pool_id] = client != LOCAL_CLIENT and self._foreign_pool(
-                    client, pool_id, persistent
-                )
-            n = len(data)
-            if not ok or n > PAGE_SIZE or (not compressed and n != PAGE_SIZE):
-                append(PutStatus.BAD)
-                continue
-            if zc.frames_free <= low:
-                refused += 1
-                append(PutStatus.FULL)
-                continue
-            try:
-                st = put(pool_id, oid, index, data, client=client, compressed=compressed)
-            except TmemError:
-                append(PutStatus.BAD)
-                continue
-            if st is stored:
-                append(PutStatus.STORED)
-            elif st is PutResult.NO_MEMORY:
-                refused += 1
-                append(PutStatus.FULL)
-            else:
-                append(PutStatus.POOR)
+
+        def pool_ok(pool_id: int) -> bool:
+            return client != LOCAL_CLIENT and self._foreign_pool(client, pool_id, persistent)
+
+        out, refused = fastpath.store_pages(self.zc, client, items, pool_ok, self.low_frames)
         self.c.foreign_puts_refused += refused
         self._note_foreign_soon()
         return out
 
     def get_foreign(self, client: int, keys: Iterable[Key], free: bool) -> list[Blob | None]:
         """A peer's remote get (get-and-free when ``free``); None = miss or no such pool."""
-        out: list[Blob | None] = []
-        append = out.append
-        get = self.zc.get_compressed
         pools = {p for (c, p) in self.foreign if c == client}
-        for pool_id, oid, index in keys:
-            if pool_id not in pools:
-                append(None)
-                continue
-            try:
-                append(get(pool_id, oid, index, free, client=client))
-            except TmemError:
-                append(None)
+        out = fastpath.fetch_pages(self.zc, client, pools, keys, free)
         if free:
             self._note_foreign_soon()
         return out

@@ -79,6 +79,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, NamedTuple
 
 from tmem.errors import TmemError
 
+try:  # mypyc compiles this module when the package is built (setup.py COMPILED)
+    from mypy_extensions import mypyc_attr
+except ImportError:  # pragma: no cover - pure Python without mypy installed
+
+    def mypyc_attr(*_args: object, **_kwargs: object) -> Callable[[type], type]:  # type: ignore[misc]
+        return lambda cls: cls
+
+
 if TYPE_CHECKING:
     from tmem.ramster.handshake import Handshake
 
@@ -237,6 +245,7 @@ class FlushItem(NamedTuple):
 # ---------------------------------------------------------------- messages
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Message:
     """Base of every frame. ``cookie`` pairs replies with requests; ``status`` is
@@ -247,6 +256,7 @@ class Message:
     status: int = 0
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Hello(Message):
     """Handshake opener; see :mod:`tmem.ramster.handshake`."""
@@ -261,6 +271,7 @@ class Hello(Message):
     compressor: str
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Proof(Message):
     """Handshake answer: HMAC-SHA256 over the transcript (32 bytes)."""
@@ -269,6 +280,7 @@ class Proof(Message):
     mac: bytes
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Ping(Message):
     """Keepalive request; answer with a Pong echoing the cookie."""
@@ -276,6 +288,7 @@ class Ping(Message):
     TYPE: ClassVar[MsgType] = MsgType.PING
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Pong(Message):
     """Keepalive response."""
@@ -283,6 +296,7 @@ class Pong(Message):
     TYPE: ClassVar[MsgType] = MsgType.PONG
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat(Message):
     """Periodic liveness + load report. ``incarnation`` changes when a node restarts
@@ -296,6 +310,7 @@ class Heartbeat(Message):
     total_frames: int
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Status(Message):
     """Generic reply: ``status`` for the request, ``results`` per item of a batch
@@ -305,6 +320,7 @@ class Status(Message):
     results: tuple[int, ...] = ()
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Error(Message):
     """Failure reply with a human-readable reason (``status`` is a negative errno)."""
@@ -313,6 +329,7 @@ class Error(Message):
     reason: str = ""
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Put(Message):
     """Store one page on the receiver, in its pool for client ``key.client``."""
@@ -323,6 +340,7 @@ class Put(Message):
     compressed: bool = True
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Get(Message):
     """Fetch one page; ``free`` removes it on the receiver (the kernel's get-and-free)."""
@@ -332,6 +350,7 @@ class Get(Message):
     free: bool = False
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GetReply(Message):
     """Answer to Get: ``data is None`` is a miss."""
@@ -342,6 +361,7 @@ class GetReply(Message):
     compressed: bool = True
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FlushPage(Message):
     """Drop one page."""
@@ -350,6 +370,7 @@ class FlushPage(Message):
     key: PageKey
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FlushObject(Message):
     """Drop every page of ``key.oid`` (``key.index`` is carried but not used)."""
@@ -358,6 +379,7 @@ class FlushObject(Message):
     key: PageKey
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DestroyPool(Message):
     """Drop a whole foreign pool."""
@@ -368,6 +390,7 @@ class DestroyPool(Message):
     persistent: bool
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PutBatch(Message):
     """Many puts in one frame; answered by a Status with one result per item."""
@@ -376,6 +399,7 @@ class PutBatch(Message):
     items: Sequence[PutItem]
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GetBatch(Message):
     """Many gets in one frame; answered by a GetBatchReply in the same order."""
@@ -385,6 +409,7 @@ class GetBatch(Message):
     free: bool = False
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GetBatchReply(Message):
     """Answer to GetBatch."""
@@ -393,6 +418,7 @@ class GetBatchReply(Message):
     items: Sequence[GetResult]
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FlushBatch(Message):
     """Many page/object flushes in one frame, applied in order; answered by Status."""
@@ -404,6 +430,7 @@ class FlushBatch(Message):
 # ---------------------------------------------------------------- other events
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True)
 class Authenticated:
     """Both proofs verified: data messages may flow. Peer identity as proven."""
@@ -413,6 +440,7 @@ class Authenticated:
     compressor: str
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True)
 class HandshakeFailed:
     """Terminal: the peer is not one of ours (reason: version, cluster, unknown-node,
@@ -422,6 +450,7 @@ class HandshakeFailed:
     detail: str = ""
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True)
 class ProtocolError:
     """Terminal: the peer sent something invalid (reason: bad-magic, version,
@@ -432,6 +461,7 @@ class ProtocolError:
     detail: str = ""
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True)
 class ConnectionClosed:
     """Terminal: the peer closed the stream at a frame boundary."""
@@ -647,36 +677,43 @@ _ENCODERS: dict[type[Message], Callable[[Any], list[Buffer]]] = {
 }
 
 
-def encode(msg: Message, max_payload: int = DEFAULT_MAX_PAYLOAD) -> bytes:
+def encode(msg: object, max_payload: int = DEFAULT_MAX_PAYLOAD) -> bytes:
     """One complete frame for ``msg``. Raises LocalProtocolError for out-of-range
-    fields or a payload over ``max_payload`` (the peer would drop the connection)."""
-    try:
-        enc = _ENCODERS[type(msg)]
-    except KeyError:
-        raise LocalProtocolError(f"not a wire message: {type(msg).__name__}") from None
+    fields or a payload over ``max_payload`` (the peer would drop the connection).
+
+    ``msg`` is typed ``object`` so that a non-message is refused with
+    LocalProtocolError also when mypyc compiled this module (it would check the
+    argument type first and raise TypeError)."""
+    enc = _ENCODERS.get(type(msg)) if isinstance(msg, Message) else None
+    if enc is None or not isinstance(msg, Message):
+        raise LocalProtocolError(f"not a wire message: {type(msg).__name__}")
     try:
         parts = enc(msg)
         mtype = msg.TYPE
         if mtype is MsgType.GET and isinstance(msg, Get) and msg.free:
             mtype = MsgType.GET_AND_FREE
         flags = FLAG_FREE if isinstance(msg, GetBatch) and msg.free else 0
-        # One join and one crc call: per-part crc calls cost more than the extra
-        # memcpy of the header concatenation below.
-        payload = b"".join(parts)
-        length = len(payload)
+        length = 0
+        for part in parts:
+            length += len(part)
         if length > max_payload:
             raise LocalProtocolError(f"payload of {length} bytes exceeds max_payload {max_payload}")
         prefix = _HDR_PREFIX_S.pack(
             MAGIC, PROTOCOL_VERSION, mtype, flags, 0, msg.cookie, msg.status, length
         )
-        crc = _crc32(payload, _crc32(prefix))
+        # The crc runs over the parts in place and the frame is joined once: joining
+        # the payload first and then prepending the header copied every page twice,
+        # into two fresh large buffers (measured ~3x slower for a 128-page frame).
+        crc = _crc32(prefix)
+        for part in parts:
+            crc = _crc32(part, crc)
     except struct.error as exc:
         raise LocalProtocolError(f"{type(msg).__name__}: field out of range: {exc}") from None
     except (TypeError, AttributeError, IndexError, ValueError) as exc:
         if isinstance(exc, LocalProtocolError):
             raise
         raise LocalProtocolError(f"{type(msg).__name__}: bad field: {exc}") from None
-    return prefix + _COUNT.pack(crc) + payload
+    return b"".join([prefix, _COUNT.pack(crc), *parts])
 
 
 def chunk_put_items(
@@ -1001,7 +1038,8 @@ class Connection:
         self._hs = handshake
         self._authenticated = handshake is None
         self._closed = False
-        self._buf = bytearray()
+        self._parts: list[memoryview] = []  # views of the chunks of an incomplete frame
+        self._have = 0  # bytes in _parts
         self._need = HEADER_SIZE  # bytes the buffered frame needs in total
         self._hdr: tuple[int, ...] | None = None  # parsed header of the buffered frame
         self._events: deque[Event] = deque()
@@ -1030,12 +1068,13 @@ class Connection:
     @property
     def buffered(self) -> int:
         """Bytes of an incomplete frame currently held (≤ HEADER_SIZE + max_payload)."""
-        return len(self._buf)
+        return self._have
 
     def close(self) -> None:
         """Local close: drop buffers; later data is ignored."""
         self._closed = True
-        self._buf = bytearray()
+        self._parts = []
+        self._have = 0
         self._hdr = None
 
     # -- output
@@ -1066,14 +1105,15 @@ class Connection:
         return NEED_DATA
 
     def receive_data(self, data: Buffer) -> None:
-        """Feed bytes from the peer; ``b""`` signals EOF. Never raises for peer input."""
+        """Feed bytes from the peer; ``b""`` signals EOF. Never raises for peer input.
+
+        Complete frames are decoded straight from ``data``; a frame split across
+        calls is kept as views of the chunks it came in and joined once (one copy)."""
         if self._closed:
             return
         if not data:
-            if self._buf:
-                self._fail(
-                    ProtocolError("truncated", f"EOF inside a frame ({len(self._buf)} bytes)")
-                )
+            if self._have:
+                self._fail(ProtocolError("truncated", f"EOF inside a frame ({self._have} bytes)"))
             else:
                 self._end(ConnectionClosed())
             return
@@ -1082,32 +1122,36 @@ class Connection:
         mv = memoryview(data)
         pos = 0
         n = len(data)
-        buf = self._buf
         hdr_size = HEADER_SIZE
         while pos < n and not self._closed:
-            if buf:
-                take = min(self._need - len(buf), n - pos)
-                buf += mv[pos : pos + take]
+            if self._have:
+                take = min(self._need - self._have, n - pos)
+                self._parts.append(mv[pos : pos + take])
+                self._have += take
                 pos += take
-                if len(buf) < self._need:
+                if self._have < self._need:
                     break
-                if self._hdr is None:
-                    hdr = self._check_header(buf, 0)
+                if self._hdr is None:  # the parts are exactly one header
+                    head = b"".join(self._parts)
+                    hdr = self._check_header(head, 0)
                     if hdr is None:
                         return
                     self._hdr = hdr
                     self._need = hdr_size + hdr[7]
+                    self._parts = [memoryview(head)]
                     if hdr[7]:
                         continue
-                frame = bytes(buf)
+                frame = b"".join(self._parts)
                 hdr = self._hdr
-                buf.clear()
+                self._parts = []
+                self._have = 0
                 self._hdr = None
                 self._need = hdr_size
                 self._frame(hdr, memoryview(frame), 0)
             else:
                 if n - pos < hdr_size:
-                    buf += mv[pos:]
+                    self._parts.append(mv[pos:])
+                    self._have = n - pos
                     self._need = hdr_size
                     break
                 hdr = self._check_header(mv, pos)
@@ -1115,7 +1159,8 @@ class Connection:
                     return
                 end = pos + hdr_size + hdr[7]
                 if end > n:
-                    buf += mv[pos:]
+                    self._parts.append(mv[pos:])
+                    self._have = n - pos
                     self._hdr = hdr
                     self._need = hdr_size + hdr[7]
                     break
