@@ -284,6 +284,21 @@ def test_node_with_wrong_secret_cannot_join(tmp_path: Path) -> None:
             assert 'tmem_ramster_peer_up{peer="n2"} 1.0' in text
             assert 'tmem_ramster_peer_up{peer="n3"} 0.0' in text
             assert "tmem_ramster_pers_pages_remoted" in text
+            # ...and as /stats JSON, which `tmem stats --url` prints.
+            with urllib.request.urlopen(f"http://127.0.0.1:{mport}/stats", timeout=5) as r:
+                sections = json.loads(r.read())
+            assert sections["ramster"]["handshake_failures"] >= 2
+            assert sections["peers"]["n2"]["state"] == "up"
+            assert "pers_zpages" in sections["zcache"]
+            shown = subprocess.run(
+                [sys.executable, "-m", "tmem", "stats", "--url", f"http://127.0.0.1:{mport}"],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")},
+                timeout=60,
+                check=True,
+            ).stdout
+            assert "handshake_failures" in shown and "n2" in shown
         finally:
             intruder.stop()
     assert addrs["n3"][0] == "127.0.0.3"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -278,8 +279,13 @@ class Node:
 
     # -------------------------------------------------------------- stats
     def stats(self) -> dict[str, Any]:
+        s: dict[str, Any] = dict(self.zc.stats())
+        s.update(self._node_stats())
+        return s
+
+    def _node_stats(self) -> dict[str, Any]:
+        """Everything but the Zcache counters: RAMster engine, membership, transport, peers."""
         s: dict[str, Any] = {}
-        s.update(self.zc.stats())
         s["frames_total"] = self.zc.frames_total
         s["frames_free"] = self.zc.frames_free
         s.update(self.engine.stats())
@@ -299,6 +305,15 @@ class Node:
             peers.append(row)
         s["peers"] = peers
         return s
+
+    def stats_sections(self) -> dict[str, Any]:
+        """``/stats`` JSON, in the sections ``tmem stats --url`` prints as tables."""
+        ramster = self._node_stats()
+        peers = {
+            str(p["node"]): {k: v for k, v in p.items() if k != "node"}
+            for p in ramster.pop("peers")
+        }
+        return {"zcache": self.zc.stats(), "ramster": ramster, "peers": peers}
 
     def metrics_text(self) -> bytes:
         """Prometheus exposition of :meth:`stats` (counters, gauges, per-peer state)."""
@@ -339,14 +354,18 @@ class Node:
     async def _metrics_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        """A minimal HTTP/1.0 responder: GET /metrics, answered on the event loop."""
+        """A minimal HTTP/1.0 responder: GET /metrics and /stats, answered on the event loop."""
         try:
             async with asyncio.timeout(5):
                 request = await reader.readuntil(b"\r\n\r\n")
             line = request.split(b"\r\n", 1)[0].split()
-            if len(line) >= 2 and line[0] == b"GET" and line[1].split(b"?")[0] == b"/metrics":
+            path = line[1].split(b"?")[0] if len(line) >= 2 and line[0] == b"GET" else b""
+            if path == b"/metrics":
                 body = self.metrics_text()
                 head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+            elif path == b"/stats":
+                body = json.dumps(self.stats_sections(), default=str).encode()
+                head = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n"
             else:
                 body = b"not found\n"
                 head = b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n"
