@@ -113,11 +113,11 @@ def test_huge_pages_kept_raw(anon_pages: list[bytes]) -> None:
     assert zc.put(pers, (0, 0, 0), 0, noise)
     assert zc.get(pers, (0, 0, 0), 0) == noise
     assert zc.stats()["huge_pages"] == 1
+    assert zc.frames_used == 1
     assert zc.flush_page(pers, (0, 0, 0), 0)
     assert zc.stats()["huge_pages"] == 0  # current count; huge_pages_stored is cumulative
     assert zc.stats()["huge_pages_stored"] == 1
     assert zc.frames_used == 0
-    assert zc.frames_used == 1
 
 
 def test_zombify_replace_with_remote_and_hooks(anon_pages: list[bytes]) -> None:
