@@ -9,6 +9,9 @@ Everything else about the package lives in pyproject.toml.
 from __future__ import annotations
 
 import os
+import shutil
+import sysconfig
+from pathlib import Path
 
 from setuptools import setup
 
@@ -21,8 +24,16 @@ COMPILED = [
     "src/tmem/ramster/fastpath.py",
 ]
 
+
+def can_compile() -> bool:
+    """A C compiler and Python's headers are present (else: install pure Python)."""
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    return shutil.which(compiler) is not None and headers.exists()
+
+
 ext_modules = []
-if not os.environ.get("TMEM_PURE_PYTHON"):
+if not os.environ.get("TMEM_PURE_PYTHON") and can_compile():
     try:
         from mypyc.build import mypycify
     except ImportError:  # pragma: no cover - build without mypy: pure Python
