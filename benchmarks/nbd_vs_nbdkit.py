@@ -35,32 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 sys.path.insert(0, str(SRC))
 
+from tmem.corpus import write_real_image  # noqa: E402
 from tmem.sizes import format_size, parse_size  # noqa: E402
-
-
-def make_image(path: Path, size: int) -> str:
-    """``size`` bytes of real file contents from /usr (binaries, text, compressed data)."""
-    h = hashlib.sha256()
-    written = 0
-    with path.open("wb") as out:
-        for root in ("/usr/lib", "/usr/share", "/usr/bin"):
-            for dirpath, dirnames, filenames in os.walk(root):
-                dirnames.sort()
-                for name in sorted(filenames):
-                    fp = os.path.join(dirpath, name)
-                    if os.path.islink(fp) or not os.path.isfile(fp):
-                        continue
-                    try:
-                        with open(fp, "rb") as f:
-                            data = f.read(size - written)
-                    except OSError:
-                        continue
-                    out.write(data)
-                    h.update(data)
-                    written += len(data)
-                    if written >= size:
-                        return h.hexdigest()
-    raise SystemExit("not enough files under /usr for the image")
 
 
 def sha256(path: Path) -> str:
@@ -261,7 +237,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tmem-nbd-bench-") as d:
         tmp = Path(d)
         image = tmp / "image.raw"
-        digest = make_image(image, parse_size(args.size))
+        digest = write_real_image(image, parse_size(args.size))
         res = throughput(args, tmp, image, digest)
         k, t = res["nbdkit"], res["tmem"]
         print(f"nbdcopy {args.size}, {args.connections} connections, best of {args.repeat}:")

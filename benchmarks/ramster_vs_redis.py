@@ -41,9 +41,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from tmem.aio import loop_factory  # noqa: E402
 from tmem.compress import get_compressor  # noqa: E402
 from tmem.ramster.config import load_config  # noqa: E402
-from tmem.ramster.node import loop_factory  # noqa: E402
 from tmem.ramster.remotify import Blob, Key, PutStatus  # noqa: E402
 from tmem.ramster.transport import Transport  # noqa: E402
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from tmem.corpus import write_real_image
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 PAGE = 4096
 
@@ -115,40 +117,7 @@ def serve_factory(tmp_path: Path) -> Iterator[Any]:
             s.proc.wait()
 
 
-def real_data_image(path: Path, size: int) -> str:
-    """Write ``size`` bytes of real file contents (from /usr) to ``path``; return sha256.
-
-    Files are read in a fixed order, so the image is the same on one machine; it
-    mixes binaries, text and compressed data like a real disk image does.
-    """
-    h = hashlib.sha256()
-    written = 0
-    with path.open("wb") as out:
-        for root in ("/usr/lib", "/usr/share", "/usr/bin"):
-            for dirpath, dirnames, filenames in os.walk(root):
-                dirnames.sort()
-                for name in sorted(filenames):
-                    fp = os.path.join(dirpath, name)
-                    if os.path.islink(fp) or not os.path.isfile(fp):
-                        continue
-                    try:
-                        with open(fp, "rb") as f:
-                            data = f.read(size - written)
-                    except OSError:
-                        continue
-                    out.write(data)
-                    h.update(data)
-                    written += len(data)
-                    if written >= size:
-                        return h.hexdigest()
-        # a tiny /usr: pad with deterministic text so the size is exact
-        while written < size:
-            data = (b"tmem filler %d\n" % written) * 64
-            data = data[: size - written]
-            out.write(data)
-            h.update(data)
-            written += len(data)
-    return h.hexdigest()
+real_data_image = write_real_image  # the image the client tests copy in and out
 
 
 def sha256_file(path: Path) -> str:

@@ -431,12 +431,7 @@ class Zcache:
         if pampd < 0:
             frame = self._take_frame(persistent)
             if frame < 0:
-                if persistent:
-                    self.counters.failed_pers_puts += 1
-                else:
-                    self.counters.failed_eph_puts += 1
-                self._flush_quietly(pool, oid, index)
-                self._why = PutResult.NO_MEMORY
+                self._no_memory(pool, oid, index)
                 return False
             handle = (oid[0], oid[1], oid[2], index, pool.pool_id, pool.client)
             pampd = self.zbud.create(persistent, frame, handle, data)
@@ -479,6 +474,15 @@ class Zcache:
         zpages = c.zpages + self.same_filled[PERS]
         return zpages > 0 and c.zbytes > PERS_MAX_MEAN_ZSIZE * zpages
 
+    def _no_memory(self, pool: Pool, oid: OidArg, index: IndexArg) -> None:
+        """A put found no frame: count it and drop any older copy under the handle."""
+        if pool.persistent:
+            self.counters.failed_pers_puts += 1
+        else:
+            self.counters.failed_eph_puts += 1
+        self._flush_quietly(pool, oid, index)
+        self._why = PutResult.NO_MEMORY
+
     def _flush_quietly(self, pool: Pool, oid: OidArg, index: IndexArg) -> None:
         """Drop an older copy after a failed put (coherency: never return stale data)."""
         pages = pool.objects.get(oid)
@@ -499,9 +503,7 @@ class Zcache:
     def _put_huge(self, pool: Pool, oid: Oid, index: int, page: bytes) -> bool:
         frame = self._take_frame(True)
         if frame < 0:
-            self.counters.failed_pers_puts += 1
-            self._flush_quietly(pool, oid, index)
-            self._why = PutResult.NO_MEMORY
+            self._no_memory(pool, oid, index)
             return False
         handle = (oid[0], oid[1], oid[2], index, pool.pool_id, pool.client)
         pampd = self.zbud.create_huge(PERS, frame, handle, page)
@@ -742,17 +744,14 @@ class Zcache:
             return PutResult.POOR_COMPRESSION
         cls = PERS if pool.persistent else EPH
         handle = (oid[0], oid[1], oid[2], index, pool.pool_id, pool.client)
-        pampd = self.zbud.store(cls, bytes(data), self._free_frames, *handle)
+        data = bytes(data)
+        pampd = self.zbud.store(cls, data, self._free_frames, *handle)
         if pampd < 0:
             frame = self._take_frame(pool.persistent)
             if frame < 0:
-                if pool.persistent:
-                    self.counters.failed_pers_puts += 1
-                else:
-                    self.counters.failed_eph_puts += 1
-                self._flush_quietly(pool, oid, index)
+                self._no_memory(pool, oid, index)
                 return PutResult.NO_MEMORY
-            pampd = self.zbud.create(cls, frame, handle, bytes(data))
+            pampd = self.zbud.create(cls, frame, handle, data)
         self.tmem.put(pool, oid, index, pampd)
         return PutResult.STORED
 

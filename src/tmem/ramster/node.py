@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import signal
 import struct
 import time
@@ -32,6 +31,7 @@ from typing import Any
 
 import msgpack
 
+from tmem.aio import loop_factory
 from tmem.errors import ConfigError, TmemError
 from tmem.zcache import Oid, Zcache
 
@@ -525,21 +525,6 @@ def serve_node(
     )
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(node.run())
-
-
-def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop when installed (less per-message overhead), else asyncio's own loop.
-
-    ``TMEM_EVENT_LOOP=asyncio`` forces the standard loop (as for ``tmem serve``).
-    """
-    if os.environ.get("TMEM_EVENT_LOOP", "auto") == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
 
 
 __all__ = ["ControlClient", "ControlError", "Node", "serve_node"]

@@ -336,6 +336,19 @@ class PageEngine:
         except TmemError:
             return False
 
+    async def _first_copy(
+        self, nodes: list[int], key: Key, and_free: bool
+    ) -> tuple[Blob | None, int | None]:
+        """The page from the first of ``nodes`` that has it, and that node; else None."""
+        for node in nodes:
+            try:
+                got = await self.peers.get_pages(node, [key], and_free)
+            except PeerError:
+                continue
+            if got and got[0] is not None:
+                return got[0], node
+        return None, None
+
     async def _remote_get(
         self, key: Key, entry: RemoteEntry, free: bool, *, repatriate: bool = True
     ) -> bytes | None:
@@ -345,16 +358,7 @@ class PageEngine:
         # A persistent page is read without freeing and its copies are flushed after:
         # a reply lost after a remote free must not lose the page.
         and_free = free and not entry.persistent
-        blob: Blob | None = None
-        source = None
-        for node in order:
-            try:
-                got = await self.peers.get_pages(node, [key], and_free)
-            except PeerError:
-                continue
-            if got and got[0] is not None:
-                blob, source = got[0], node
-                break
+        blob, source = await self._first_copy(order, key, and_free)
         page = None if blob is None else self._page(blob)
         if not self._current(key, entry):
             # Flushed or rewritten while we waited: the fetched copy is the value
@@ -651,15 +655,7 @@ class PageEngine:
                 )
                 if not sources or not targets:
                     continue
-                blob = None
-                for src in sources:
-                    try:
-                        got = await self.peers.get_pages(src, [key], False)
-                    except PeerError:
-                        continue
-                    if got and got[0] is not None:
-                        blob = got[0]
-                        break
+                blob, _source = await self._first_copy(sources, key, False)
                 if blob is None or self.remote.get(key) is not entry:
                     continue
                 for t in targets:
