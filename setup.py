@@ -3,6 +3,10 @@
 zcache's put/get paths run once per page; compiled with mypyc (the mypy project's
 compiler for type-annotated Python) they cost a fraction of interpreted bytecode. The
 same sources run unchanged as pure Python: set TMEM_PURE_PYTHON=1 to skip compiling.
+
+Where liblz4's header is installed (Debian: liblz4-dev), the small C extension
+tmem._lz4pages is built too: an LZ4 page codec without python-lz4's extra copies
+(see src/tmem/_lz4pages.c); without it tmem uses python-lz4, same format.
 Everything else about the package lives in pyproject.toml.
 """
 
@@ -13,7 +17,7 @@ import shutil
 import sysconfig
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 COMPILED = [
     "src/tmem/tmem_core.py",
@@ -32,13 +36,27 @@ def can_compile() -> bool:
     return shutil.which(compiler) is not None and headers.exists()
 
 
+def has_lz4_header() -> bool:
+    dirs = [sysconfig.get_paths()["include"], "/usr/include", "/usr/local/include"]
+    return any((Path(d) / "lz4.h").exists() for d in dirs)
+
+
 ext_modules = []
+if not os.environ.get("TMEM_PURE_PYTHON") and can_compile() and has_lz4_header():
+    ext_modules.append(
+        Extension(
+            "tmem._lz4pages",
+            ["src/tmem/_lz4pages.c"],
+            libraries=["lz4"],
+            extra_compile_args=["-O2"],
+        )
+    )
 if not os.environ.get("TMEM_PURE_PYTHON") and can_compile():
     try:
         from mypyc.build import mypycify
     except ImportError:  # pragma: no cover - build without mypy: pure Python
         pass
     else:
-        ext_modules = mypycify(COMPILED, opt_level="3")
+        ext_modules += mypycify(COMPILED, opt_level="3")
 
 setup(ext_modules=ext_modules)

@@ -6,6 +6,9 @@ Invariants checked after every step:
   page's data, and a hit removes it;
 * the frame budget is never exceeded;
 * counters agree with what is stored.
+
+Half the runs use compress-behind: persistent puts are staged raw and compressed by
+``compact()`` (a rule here) or by a put that needs the frame.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from tmem import Zcache
-from tmem.zbud import EPH, PERS
+from tmem.zbud import EPH, F_STAGED, PERS
 
 PAGE = 4096
 BUDGET_FRAMES = 24
@@ -49,9 +52,10 @@ indexes = st.integers(0, 12)
 
 
 class ZcacheMachine(RuleBasedStateMachine):
-    @initialize(huge=st.booleans())
-    def setup(self, huge: bool) -> None:
-        self.zc = Zcache(memory=BUDGET_FRAMES * PAGE, huge_pages=huge)
+    @initialize(huge=st.booleans(), behind=st.booleans())
+    def setup(self, huge: bool, behind: bool) -> None:
+        self.zc = Zcache(memory=BUDGET_FRAMES * PAGE, huge_pages=huge, compress_behind=behind)
+        self.zc.stage_reserve = 8  # stage most of the small budget
         self.eph = self.zc.new_pool()
         self.pers = self.zc.new_pool(persistent=True)
         self.pers_model: dict[tuple[tuple[int, int, int], int], bytes] = {}
@@ -115,6 +119,13 @@ class ZcacheMachine(RuleBasedStateMachine):
         for zp in zombies:
             self.zc.unzombify(zp)
 
+    @rule(max_pages=st.integers(1, 8))
+    def compact(self, max_pages: int) -> None:
+        before = self.zc.staged_pages
+        done = self.zc.compact(max_pages)
+        assert done <= max_pages
+        assert self.zc.staged_pages == before - done
+
     @invariant()
     def persistent_pages_are_intact(self) -> None:
         if not hasattr(self, "zc"):
@@ -137,6 +148,8 @@ class ZcacheMachine(RuleBasedStateMachine):
         assert zb[EPH].buddied_count >= 0 and zb[EPH].unbuddied_count >= 0
         stored_pages = sum(len(p) for pool in zc.tmem.pools() for p in pool.objects.values())
         assert stored_pages == stats["stored_pages"]
+        staged = sum(1 for f in range(BUDGET_FRAMES) if zc.zbud.flags[f] & F_STAGED)
+        assert stats["staged_pages"] == staged == zc.staged_pages
 
 
 TestZcacheStateful = ZcacheMachine.TestCase

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Final
 
 import lz4.block
 import lzo
@@ -18,19 +19,35 @@ import zstandard
 
 from tmem.errors import ConfigError
 
-PAGE_SIZE = 4096
+try:  # built by setup.py where liblz4's header exists; python-lz4 otherwise
+    from tmem import _lz4pages
+except ImportError:  # pragma: no cover - depends on the build
+    _lz4pages = None  # type: ignore[assignment]
+
+PAGE_SIZE: Final = 4096
+# What compressors take: a page as bytes or as a view of a caller's buffer (no copy).
+Buffer = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True, slots=True)
 class Compressor:
-    """A named page codec. ``decompress(data)`` takes bytes, returns PAGE_SIZE bytes."""
+    """A named page codec. ``compress`` takes any contiguous buffer of a page;
+    ``decompress(data)`` takes bytes, returns PAGE_SIZE bytes.
+
+    ``gather(arena, spans)``, when present, reads a run of stored pages out of an arena
+    in one call (see :mod:`tmem._lz4pages`); zcache falls back to one decompress per
+    page without it.
+    """
 
     name: str
-    compress: Callable[[bytes], bytes]
+    compress: Callable[[Buffer], bytes]
     decompress: Callable[[bytes], bytes]
+    gather: Callable[[object, list[int]], bytearray] | None = None
 
 
 def _lz4() -> Compressor:
+    if _lz4pages is not None:  # same block format, minus python-lz4's copies
+        return Compressor("lz4", _lz4pages.compress, _lz4pages.decompress, _lz4pages.gather)
     # functools.partial calls straight into C: no Python frame on the hot path.
     c = partial(lz4.block.compress, store_size=False)
     d = partial(lz4.block.decompress, uncompressed_size=PAGE_SIZE)
@@ -41,7 +58,7 @@ def _lzo() -> Compressor:
     compress = lzo.compress
     decompress = lzo.decompress
 
-    def c(page: bytes) -> bytes:
+    def c(page: Buffer) -> bytes:
         if type(page) is not bytes:  # python-lzo wants read-only bytes
             page = bytes(page)
         return compress(page, 1, False)  # type: ignore[no-any-return]

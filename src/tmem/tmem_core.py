@@ -15,17 +15,17 @@ far less Python overhead.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from tmem.errors import InvalidHandleError, PoolLimitError, UnknownPoolError
 
 Oid = tuple[int, int, int]
 Pampd = object
-LOCAL_CLIENT = 0xFFFF
-MAX_POOLS_PER_CLIENT = 16
-MAX_CLIENTS = 256  # RAMster node numbers are 0..254; the kernel allowed 16 foreign clients
+LOCAL_CLIENT: Final = 0xFFFF
+MAX_POOLS_PER_CLIENT: Final = 16
+MAX_CLIENTS: Final = 256  # RAMster node numbers are 0..254; the kernel allowed 16 foreign clients
 U64_MAX = (1 << 64) - 1
-U32_MAX = (1 << 32) - 1
+U32_MAX: Final = (1 << 32) - 1
 INVALID_OID: Oid = (U64_MAX, U64_MAX, U64_MAX)
 
 

@@ -36,25 +36,27 @@ import struct
 from array import array
 from collections import deque
 from dataclasses import dataclass
+from typing import Final
 
-PAGE_SIZE = 4096
-CHUNK_SHIFT = 6
-CHUNK_SIZE = 1 << CHUNK_SHIFT  # 64
-NCHUNKS = PAGE_SIZE >> CHUNK_SHIFT  # 64
-MAX_CHUNK = NCHUNKS - 1  # 63
+PAGE_SIZE: Final = 4096
+CHUNK_SHIFT: Final = 6
+CHUNK_SIZE: Final = 1 << CHUNK_SHIFT  # 64
+NCHUNKS: Final = PAGE_SIZE >> CHUNK_SHIFT  # 64
+MAX_CHUNK: Final = NCHUNKS - 1  # 63
 HANDLE = struct.Struct("<QQQIHH")  # oid[0..2], index, pool id, client id
-HANDLE_SIZE = HANDLE.size  # 32
-MAX_BUDDY_SIZE = MAX_CHUNK * CHUNK_SIZE - HANDLE_SIZE  # 4000 bytes of compressed data
+HANDLE_SIZE: Final = HANDLE.size  # 32
+MAX_BUDDY_SIZE: Final = MAX_CHUNK * CHUNK_SIZE - HANDLE_SIZE  # 4000 bytes of compressed data
 
-EPH = 0
-PERS = 1
+EPH: Final = 0
+PERS: Final = 1
 
 # frame flags
-F_USED = 1
-F_ZOMBIE = 2
-F_HUGE = 4  # one raw (uncompressed) page fills the whole frame; handle kept aside
+F_USED: Final = 1
+F_ZOMBIE: Final = 2
+F_HUGE: Final = 4  # one raw (uncompressed) page fills the whole frame; handle kept aside
+F_STAGED: Final = 8  # with F_HUGE: a raw page not compressed yet (zcache's compress-behind)
 
-_FRAME_MASK = (1 << 32) - 1
+_FRAME_MASK: Final = (1 << 32) - 1
 _NO_FRAMES: array[int] = array("i")
 # _FITS[stored] = bitmask of the unbuddied lists i (one zbud of i chunks) that leave
 # room for a zbud of ``stored`` bytes: i <= NCHUNKS - chunks(stored).
@@ -77,7 +79,8 @@ class ClassCounters:
     evicted_pageframes: int = 0
     zombie_count: int = 0  # zombie frames
     zombie_zpages: int = 0  # zpages inside zombie frames
-    huge_count: int = 0  # frames holding one raw page
+    huge_count: int = 0  # frames holding one raw page (staged ones included)
+    staged_count: int = 0  # raw frames waiting for compression (compress-behind)
     zpages_max: int = 0  # high-water marks, noted whenever a count is about to drop
     pageframes_max: int = 0
 
@@ -122,14 +125,16 @@ class Zbud:
         self.where = array("B", bytes(nframes))
         self.stamp = array("Q", bytes(8 * nframes))  # LRU stamp of the frame's last touch
         self._seq = itertools.count(1)  # LRU stamps; 0 marks "no valid entry"
-        self.lru: tuple[deque[int], deque[int]] = (deque(), deque())
-        self.unbuddied: tuple[list[list[int]], list[list[int]]] = (
+        # Per-class pairs are variable-length tuples on purpose: mypyc boxes a fixed-size
+        # tuple into a new object on every self.x[cls], a cost on each put.
+        self.lru: tuple[deque[int], ...] = (deque(), deque())
+        self.unbuddied: tuple[list[list[int]], ...] = (
             [[] for _ in range(NCHUNKS)],
             [[] for _ in range(NCHUNKS)],
         )
         self.unbuddied_mask = [0, 0]  # bit i set <=> unbuddied stack i may hold entries
         self.huge_handles: dict[int, Handle] = {}
-        self.counters = (ClassCounters(), ClassCounters())
+        self.counters: tuple[ClassCounters, ...] = (ClassCounters(), ClassCounters())
 
     # ---- LRU and unbuddied stacks ----------------------------------------------------
 
@@ -158,7 +163,7 @@ class Zbud:
         while lru:
             e = lru[0]
             frame = e & _FRAME_MASK
-            if stamp[frame] == e >> 32 and flags[frame] == F_USED | (flags[frame] & F_HUGE):
+            if stamp[frame] == e >> 32 and flags[frame] & (F_USED | F_ZOMBIE) == F_USED:
                 return frame
             lru.popleft()
         return -1
@@ -306,11 +311,12 @@ class Zbud:
                     return f
             self.unbuddied_mask[cls] = mask & ~(1 << i)
 
-    def create_huge(self, cls: int, frame: int, handle: Handle, page: bytes) -> int:
+    def create_huge(self, cls: int, frame: int, handle: Handle, page: bytes | memoryview) -> int:
         """Store an incompressible page raw in the whole ``frame`` (zram's "huge" page).
 
         The handle cannot share the frame with 4096 raw bytes, so it is kept aside.
         """
+        c = self.counters[cls]
         self.flags[frame] = F_USED | F_HUGE
         self.cls[frame] = cls
         self.where[frame] = 0
@@ -319,7 +325,6 @@ class Zbud:
         start = frame * PAGE_SIZE
         self.arena[start : start + PAGE_SIZE] = page
         self.huge_handles[frame] = handle
-        c = self.counters[cls]
         c.pageframes += 1
         c.huge_count += 1
         c.zpages += 1
@@ -328,6 +333,49 @@ class Zbud:
         c.cumul_zbytes += PAGE_SIZE
         self._touch(cls, frame)
         return frame << 1
+
+    def stage_run(
+        self, free_frames: array[int], pages: memoryview, first: Handle, count: int
+    ) -> list[int]:
+        """Store ``count`` persistent pages of ``pages`` raw, one per frame taken from
+        ``free_frames``, until zcache compresses them (compress-behind); page i gets the
+        handle ``first`` with index + i. Returns their pampds (``frame << 1``).
+
+        The write hot path of compress-behind, so it does the least it can: a staged
+        frame is a huge frame on no LRU (zcache compacts staged pages before it would
+        write anything back), and the empty frame's other columns are already zero.
+        """
+        o0, o1, o2, index, pool_id, client = first
+        flags, cls, size0, arena = self.flags, self.cls, self.size0, self.arena
+        handles = self.huge_handles
+        pampds: list[int] = []
+        for i in range(count):
+            frame = free_frames.pop()
+            flags[frame] = F_USED | F_HUGE | F_STAGED
+            cls[frame] = PERS
+            size0[frame] = PAGE_SIZE
+            start = frame * PAGE_SIZE
+            pos = i * PAGE_SIZE
+            arena[start : start + PAGE_SIZE] = pages[pos : pos + PAGE_SIZE]
+            handles[frame] = (o0, o1, o2, index + i, pool_id, client)
+            pampds.append(frame << 1)
+        c = self.counters[PERS]
+        c.staged_count += count
+        c.pageframes += count
+        c.huge_count += count
+        c.zpages += count
+        c.zbytes += count * PAGE_SIZE
+        c.cumul_zpages += count
+        c.cumul_zbytes += count * PAGE_SIZE
+        return pampds
+
+    def unstage(self, frame: int) -> None:
+        """A staged page stays raw for good: an ordinary huge page now, on the LRU."""
+        if self.flags[frame] & F_STAGED:
+            self.flags[frame] &= ~F_STAGED
+            cls = self.cls[frame]
+            self.counters[cls].staged_count -= 1
+            self._touch(cls, frame)
 
     # ---- reading ---------------------------------------------------------------------
 
@@ -395,6 +443,8 @@ class Zbud:
                 c.zombie_count -= 1
             if flags & F_HUGE:
                 c.huge_count -= 1
+                if flags & F_STAGED:
+                    c.staged_count -= 1
                 del self.huge_handles[frame]
             self.where[frame] = 0
             self.stamp[frame] = 0
@@ -433,6 +483,8 @@ class Zbud:
         self.size0[frame] = self.size1[frame] = 0
         if huge:
             c.huge_count -= 1
+            if self.flags[frame] & F_STAGED:
+                c.staged_count -= 1
             del self.huge_handles[frame]
         self.flags[frame] = 0
         c.pageframes -= 1

@@ -27,9 +27,10 @@ import enum
 import mmap
 import sys
 from array import array
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from tmem.compress import PAGE_SIZE, Compressor, get_compressor
 from tmem.errors import (
@@ -51,7 +52,16 @@ from tmem.tmem_core import (
     check_index,
     check_oid,
 )
-from tmem.zbud import CHUNK_SIZE, EPH, F_HUGE, HANDLE_SIZE, MAX_BUDDY_SIZE, PERS, Zbud
+from tmem.zbud import (
+    CHUNK_SIZE,
+    EPH,
+    F_HUGE,
+    F_STAGED,
+    HANDLE_SIZE,
+    MAX_BUDDY_SIZE,
+    PERS,
+    Zbud,
+)
 
 __all__ = [
     "LOCAL_CLIENT",
@@ -71,10 +81,10 @@ OidArg = Any
 IndexArg = Any
 PageArg = Any
 
-EPH_MAX_ZSIZE = MAX_BUDDY_SIZE  # 4000
-PERS_MAX_ZSIZE = PAGE_SIZE * 7 // 8  # 3584
-PERS_MAX_MEAN_ZSIZE = PAGE_SIZE * 5 // 8  # 2560
-SAME_FILLED_PROBE = 64  # only pages compressing to <= this many bytes can be same-filled
+EPH_MAX_ZSIZE: Final = MAX_BUDDY_SIZE  # 4000
+PERS_MAX_ZSIZE: Final = PAGE_SIZE * 7 // 8  # 3584
+PERS_MAX_MEAN_ZSIZE: Final = PAGE_SIZE * 5 // 8  # 2560
+SAME_FILLED_PROBE: Final = 64  # only pages compressing to <= this many bytes can be same-filled
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 
@@ -149,6 +159,8 @@ class ZcacheCounters:
     zero_filled_pages_max: int = 0
     same_filled_pages_total: int = 0
     huge_pages_stored: int = 0
+    staged_pages_total: int = 0  # persistent puts stored raw for compress-behind
+    compacted_pages: int = 0  # staged pages compress-behind has dealt with
     writtenback_pages: int = 0
     writeback_failed: int = 0
     failed_gets: int = 0
@@ -175,6 +187,7 @@ class Zcache:
         huge_pages: bool = False,
         writeback: WritebackTarget | None = None,
         prefault: bool = True,
+        compress_behind: bool = False,
     ) -> None:
         nbytes = parse_size(memory)
         if nbytes < PAGE_SIZE:
@@ -182,8 +195,16 @@ class Zcache:
         self.compressor: Compressor = get_compressor(compressor)
         self._compress = self.compressor.compress
         self._decompress = self.compressor.decompress
+        self._gather = self.compressor.gather
         self.frames_total = nbytes // PAGE_SIZE
         self.huge_pages = huge_pages
+        # compress-behind: while more than stage_reserve frames are free, a persistent put
+        # stores the page raw in a free frame and returns; compact() compresses it later
+        # (when the caller is idle, or at once when a put needs the frame back). Staged
+        # frames are on no LRU: they are compacted before anything is written back.
+        self.compress_behind = compress_behind
+        self.stage_reserve = max(16, self.frames_total // 64)
+        self._staged: deque[int] = deque()  # staged frames, oldest first (stale entries ok)
         self.writeback = writeback
         self.remote_hooks: RemoteHooks | None = None
         # The arena: one anonymous mapping holding the whole budget. Prefaulted by
@@ -278,6 +299,8 @@ class Zcache:
         """A frame for a new zbud when none is free: ouroboros, then writeback; -1 if none."""
         if self._free_frames:
             return self._free_frames.pop()
+        if self._staged and self._compact_for_frame():
+            return self._free_frames.pop()
         self.counters.failed_getfreepages += 1
         frame = self._evict_eph()
         if frame >= 0:
@@ -353,14 +376,22 @@ class Zcache:
         return emptied
 
     def _read(self, pampd: int) -> bytes:
-        """The page behind a local pampd, decompressed."""
+        """The page behind a local pampd, decompressed (zbud's span() inlined: hot path)."""
         if pampd < 0:
             return (-1 - pampd).to_bytes(8, "little") * (PAGE_SIZE // 8)
-        start, end = self.zbud.span(pampd)
-        raw = self._mm[start:end]
-        if self.zbud.flags[pampd >> 1] & F_HUGE:
-            return raw
-        return self._decompress(raw)
+        frame = pampd >> 1
+        try:
+            if pampd & 1:
+                stored = self._size1[frame]
+                start = (frame + 1) * PAGE_SIZE - ((stored + CHUNK_SIZE - 1) & -CHUNK_SIZE)
+                return self._decompress(self._mm[start + HANDLE_SIZE : start + stored])
+            stored = self._size0[frame]
+            start = frame * PAGE_SIZE
+            if stored == PAGE_SIZE:  # a huge or staged page: kept raw
+                return self._mm[start : start + PAGE_SIZE]
+            return self._decompress(self._mm[start + HANDLE_SIZE : start + stored])
+        except Exception as exc:  # a corrupt page must never pass as data
+            raise TmemError(f"stored page failed to decompress: {exc}") from exc
 
     # ---- put -------------------------------------------------------------------------
 
@@ -398,6 +429,18 @@ class Zcache:
             check_oid(oid)
         if type(index) is not int or not 0 <= index <= U32_MAX:
             check_index(index)
+        persistent = pool.persistent
+        if persistent and self.compress_behind and len(self._free_frames) > self.stage_reserve:
+            try:
+                view = memoryview(page).cast("B")
+            except TypeError:
+                raise PageSizeError(
+                    f"page must be a bytes-like object, got {type(page).__name__}"
+                ) from None
+            if len(view) != PAGE_SIZE:
+                raise PageSizeError(f"page must be {PAGE_SIZE} bytes, got {len(view)}")
+            self._stage(pool, oid, index, view, 1)
+            return True
         try:
             data = self._compress(page)
         except TypeError:
@@ -405,7 +448,6 @@ class Zcache:
                 f"page must be a bytes-like object, got {type(page).__name__}"
             ) from None
         clen = len(data)
-        persistent = pool.persistent
         if clen <= SAME_FILLED_PROBE:
             head = bytes(page[:8])
             if head * (PAGE_SIZE // 8) == page:
@@ -470,9 +512,13 @@ class Zcache:
         return False
 
     def _pers_mean_too_high(self) -> bool:
+        """The mean compressed size of persistent zbuds is over the limit. Raw (huge and
+        staged) frames are left out: they take no part in zbud pairing, and counting them
+        would reject ever more pages, which would then be stored raw too."""
         c = self.zbud.counters[PERS]
-        zpages = c.zpages + self.same_filled[PERS]
-        return zpages > 0 and c.zbytes > PERS_MAX_MEAN_ZSIZE * zpages
+        zpages = c.zpages - c.huge_count + self.same_filled[PERS]
+        zbytes = c.zbytes - c.huge_count * PAGE_SIZE
+        return zpages > 0 and zbytes > PERS_MAX_MEAN_ZSIZE * zpages
 
     def _no_memory(self, pool: Pool, oid: OidArg, index: IndexArg) -> None:
         """A put found no frame: count it and drop any older copy under the handle."""
@@ -510,6 +556,150 @@ class Zcache:
         self.counters.huge_pages_stored += 1
         self.tmem.put(pool, oid, index, pampd)
         return True
+
+    # ---- compress-behind ---------------------------------------------------------------
+
+    def _stage(self, pool: Pool, oid: Oid, index: int, pages: memoryview, count: int) -> None:
+        """Store ``count`` persistent pages raw in free frames; :meth:`compact` compresses
+        them. The caller checked the arguments and that enough frames are free."""
+        first = (oid[0], oid[1], oid[2], index, pool.pool_id, pool.client)
+        pampds = self.zbud.stage_run(self._free_frames, pages, first, count)
+        entries = pool.objects.get(oid)
+        if entries is None:
+            entries = pool.objects[oid] = {}
+        staged = self._staged
+        for pampd in pampds:
+            old = entries.get(index)
+            entries[index] = pampd
+            if old is not None:
+                self.free(pool, oid, index, old)
+            staged.append(pampd >> 1)
+            index += 1
+        if len(staged) > 4096 and len(staged) > 2 * self.zbud.counters[PERS].staged_count:
+            flags = self.zbud.flags
+            live = [f for f in staged if flags[f] & F_STAGED]
+            staged.clear()
+            staged.extend(dict.fromkeys(live))  # overwritten pages left stale entries
+        self.counters.staged_pages_total += count
+
+    @property
+    def staged_pages(self) -> int:
+        """Pages stored raw by compress-behind that :meth:`compact` has not reached yet."""
+        return self.zbud.counters[PERS].staged_count
+
+    def compact(self, max_pages: int = 64) -> int:
+        """Compress up to ``max_pages`` staged pages, oldest first; return how many.
+
+        Each page is compressed and moved into zbud like a normal put (so two of them
+        share a frame), or stays raw as a huge page when it compresses poorly (with a
+        writeback target and no huge pages, it is written back instead). Call it when
+        idle; puts call it themselves when they need a frame.
+        """
+        done = 0
+        staged = self._staged
+        flags = self.zbud.flags
+        while done < max_pages and staged:
+            frame = staged.popleft()
+            if flags[frame] & F_STAGED:  # else stale: the page was flushed or replaced
+                self._compact_frame(frame)
+                done += 1
+        return done
+
+    def _compact_for_frame(self) -> bool:
+        """Compact staged pages until a frame is free (a put needs one); False if none.
+
+        Each staged page is visited once, so this ends; it is long only when many staged
+        pages in a row turn out incompressible and stay raw."""
+        while not self._free_frames:
+            if not self.compact(1):
+                return False
+        return True
+
+    def _compact_frame(self, frame: int) -> None:
+        zbud = self.zbud
+        handle = zbud.huge_handles[frame]
+        o0, o1, o2, index, pool_id, client = handle
+        pool = self.tmem.find_pool(pool_id, client)
+        if pool is None:  # cannot happen: destroying a pool frees its pages
+            zbud.unstage(frame)
+            return
+        oid = (o0, o1, o2)
+        pampd = frame << 1
+        start = frame * PAGE_SIZE
+        page = zbud.arena[start : start + PAGE_SIZE]
+        data = self._compress(page)
+        clen = len(data)
+        self.counters.compacted_pages += 1
+        if clen <= SAME_FILLED_PROBE:
+            head = bytes(page[:8])
+            if head * (PAGE_SIZE // 8) == page:
+                self._put_same_filled(pool, oid, index, head)  # frees the raw frame
+                return
+        if clen > PERS_MAX_MEAN_ZSIZE and self._rejects(True, clen):
+            wb = self.writeback
+            if not self.huge_pages and wb is not None:
+                if wb.write_back(pool_id, oid, index, bytes(page)):
+                    self.tmem.remove(pool, oid, index)
+                    self.counters.writtenback_pages += 1
+                    self._free_frames.append(zbud.free(pampd))
+                    return
+                self.counters.writeback_failed += 1
+            zbud.unstage(frame)  # accepted pages are kept: raw, as a huge page
+            self.counters.huge_pages_stored += 1
+            return
+        new = zbud.store(PERS, data, self._free_frames, o0, o1, o2, index, pool_id, client)
+        if new < 0:  # no room anywhere: the raw frame itself becomes the zbud frame
+            zbud.free(pampd)
+            new = zbud.create(PERS, frame, handle, data)
+        else:
+            self._free_frames.append(zbud.free(pampd))
+        pool.objects[oid][index] = new
+
+    def put_run(
+        self,
+        pool_id: PoolIdArg,
+        oid: OidArg,
+        first_index: IndexArg,
+        data: PageArg,
+        *,
+        client: int = LOCAL_CLIENT,
+    ) -> int:
+        """Store the pages of ``data`` (whole pages) at ``first_index``, ``first_index + 1``,
+        ... of one object; return how many were stored before the first that was not
+        (:attr:`last_refusal` says why; the caller continues after it).
+
+        One call per run of pages, sliced from the caller's buffer without copying: the
+        block device's write path.
+        """
+        view = memoryview(data)
+        if view.itemsize != 1 or len(view) % PAGE_SIZE:
+            raise PageSizeError(f"a run must be whole {PAGE_SIZE}-byte pages, got {len(view)}")
+        n = len(view) // PAGE_SIZE
+        pool = self._pool(pool_id, client)
+        if (
+            pool.persistent
+            and self.compress_behind
+            and len(self._free_frames) - n >= self.stage_reserve
+            and n
+        ):
+            check_oid(oid)
+            check_index(first_index)
+            check_index(first_index + n - 1)
+            self._stage(pool, oid, first_index, view, n)
+            return n
+        if type(first_index) is not int:
+            check_index(first_index)
+        put = self.put
+        for i in range(n):
+            pos = i * PAGE_SIZE
+            if not put(pool_id, oid, first_index + i, view[pos : pos + PAGE_SIZE], client=client):
+                return i
+        return n
+
+    @property
+    def last_refusal(self) -> PutResult:
+        """Why the latest put that did not store its page failed."""
+        return self._why
 
     def put_many(
         self, pool_id: PoolIdArg, items: Iterable[tuple[OidArg, IndexArg, PageArg]]
@@ -555,30 +745,93 @@ class Zcache:
             return None
         if type(pampd) is not int:
             raise RemotePageError(pampd)
-        if pampd >= 0:
-            frame = pampd >> 1
-            try:
-                if pampd & 1:
-                    stored = self._size1[frame]
-                    start = (frame + 1) * PAGE_SIZE - ((stored + CHUNK_SIZE - 1) & -CHUNK_SIZE)
-                    data = self._decompress(self._mm[start + HANDLE_SIZE : start + stored])
-                else:
-                    stored = self._size0[frame]
-                    start = frame * PAGE_SIZE
-                    if stored == PAGE_SIZE:  # a huge page: kept raw
-                        data = self._mm[start : start + PAGE_SIZE]
-                    else:
-                        data = self._decompress(self._mm[start + HANDLE_SIZE : start + stored])
-            except Exception as exc:  # a corrupt page must never pass as data
-                raise TmemError(f"stored page failed to decompress: {exc}") from exc
-        else:
-            data = (-1 - pampd).to_bytes(8, "little") * (PAGE_SIZE // 8)
+        data = self._read(pampd)
         if free or not pool.persistent:
             del pages[index]
             if not pages:
                 del objects[oid]
             self.free(pool, oid, index, pampd)
         return data
+
+    def read_run(
+        self,
+        pool_id: PoolIdArg,
+        oid: OidArg,
+        first_index: IndexArg,
+        count: int,
+        *,
+        client: int = LOCAL_CLIENT,
+    ) -> tuple[bytearray, list[int]]:
+        """Non-exclusive gets of ``count`` consecutive indexes of one object of a
+        persistent pool (a block device read), as one buffer of ``count`` pages.
+
+        Returns ``(pages, missing)``: ``missing`` lists the positions (0-based) the pool
+        has no page for; they read as zeros in ``pages``. With the lz4 extension the run
+        is decompressed straight out of the arena in one call. A page living on another
+        node raises :class:`RemotePageError`, as :meth:`get` does.
+        """
+        pool = self._pool(pool_id, client)
+        if not pool.persistent:
+            raise TmemError("read_run reads persistent pools (ephemeral gets are exclusive)")
+        check_index(first_index)
+        if type(count) is not int or not 0 <= count <= U32_MAX - first_index + 1:
+            raise InvalidHandleError(f"bad page count {count!r}")
+        try:
+            pages = pool.objects.get(oid)
+        except TypeError:
+            raise InvalidHandleError(f"oid must be a tuple of three ints, got {oid!r}") from None
+        if pages is None:
+            check_oid(oid)
+            self.counters.failed_gets += count
+            return bytearray(count * PAGE_SIZE), list(range(count))
+        missing: list[int] = []
+        gather = self._gather
+        if gather is None:  # one decompress per page
+            out = bytearray(count * PAGE_SIZE)
+            for i in range(count):
+                pampd = pages.get(first_index + i)
+                if pampd is None:
+                    missing.append(i)
+                elif type(pampd) is int:
+                    out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = self._read(pampd)
+                else:
+                    raise RemotePageError(pampd)
+            self.counters.failed_gets += len(missing)
+            return out, missing
+        # [start, length] per page for gather(): zbud's span() inlined, as in _read().
+        spans: list[int] = []
+        size0, size1 = self._size0, self._size1
+        for i in range(count):
+            pampd = pages.get(first_index + i)
+            if pampd is None:
+                missing.append(i)
+                spans.append(0)
+                spans.append(-1)
+            elif type(pampd) is not int:
+                raise RemotePageError(pampd)
+            elif pampd < 0:  # same-filled: the 8-byte pattern
+                spans.append(-1 - pampd)
+                spans.append(0)
+            else:
+                frame = pampd >> 1
+                if pampd & 1:
+                    stored = size1[frame]
+                    start = (frame + 1) * PAGE_SIZE - ((stored + CHUNK_SIZE - 1) & -CHUNK_SIZE)
+                    spans.append(start + HANDLE_SIZE)
+                    spans.append(stored - HANDLE_SIZE)
+                else:
+                    stored = size0[frame]
+                    if stored == PAGE_SIZE:  # a huge or staged page: kept raw
+                        spans.append(frame * PAGE_SIZE)
+                        spans.append(PAGE_SIZE)
+                    else:
+                        spans.append(frame * PAGE_SIZE + HANDLE_SIZE)
+                        spans.append(stored - HANDLE_SIZE)
+        self.counters.failed_gets += len(missing)
+        try:
+            return gather(self._mm, spans), missing
+        except ValueError as exc:  # a corrupt page must never pass as data
+            raise TmemError(f"stored page failed to decompress: {exc}") from exc
 
     def get_many(
         self, pool_id: PoolIdArg, keys: Iterable[tuple[OidArg, IndexArg]], free: bool | None = None
@@ -921,8 +1174,11 @@ class Zcache:
             "zero_filled_pages": self.counters.zero_filled_pages,
             "zero_filled_pages_max": self.counters.zero_filled_pages_max,
             "same_filled_pages": self.same_filled[EPH] + self.same_filled[PERS],
-            "huge_pages": zb[EPH].huge_count + zb[PERS].huge_count,
+            "huge_pages": zb[EPH].huge_count + zb[PERS].huge_count - zb[PERS].staged_count,
             "huge_pages_stored": self.counters.huge_pages_stored,
+            "staged_pages": zb[PERS].staged_count,
+            "staged_pages_total": self.counters.staged_pages_total,
+            "compacted_pages": self.counters.compacted_pages,
             "same_filled_pages_total": self.counters.same_filled_pages_total,
             "outstanding_writeback_pages": 0,
             "writtenback_pages": self.counters.writtenback_pages,

@@ -1,0 +1,74 @@
+"""The tmem._lz4pages codec: same LZ4 block format as python-lz4, bounds-checked gather.
+
+Skipped where the extension was not built (no liblz4 header, or TMEM_PURE_PYTHON=1);
+then tmem uses python-lz4 and these functions do not exist.
+"""
+
+from __future__ import annotations
+
+import os
+
+import lz4.block
+import pytest
+
+_lz4pages = pytest.importorskip("tmem._lz4pages")
+PAGE = 4096
+
+
+def test_blocks_interoperate_with_python_lz4(anon_pages: list[bytes]) -> None:
+    """Pages stored by one codec (or sent by a RAMster peer using the other) read back."""
+    for page in anon_pages[:2000]:
+        ours = _lz4pages.compress(page)
+        theirs = lz4.block.compress(page, store_size=False)
+        assert _lz4pages.decompress(theirs) == page
+        assert lz4.block.decompress(ours, uncompressed_size=PAGE) == page
+        assert _lz4pages.decompress(memoryview(ours)) == page
+
+
+def test_bad_input_raises() -> None:
+    with pytest.raises(ValueError, match="at most 4096"):
+        _lz4pages.compress(bytes(PAGE + 1))
+    with pytest.raises(ValueError, match="corrupt"):
+        _lz4pages.decompress(os.urandom(200))
+    short = lz4.block.compress(bytes(100) + b"x" * 50, store_size=False)
+    with pytest.raises(ValueError, match="corrupt"):  # a valid block, but not a page
+        _lz4pages.decompress(short)
+    with pytest.raises(TypeError):
+        _lz4pages.compress("not bytes")
+
+
+def test_gather_reads_every_kind_of_page(anon_pages: list[bytes]) -> None:
+    blocks = [_lz4pages.compress(p) for p in anon_pages[:10]]
+    arena = bytearray(b"".join(blocks) + anon_pages[10])
+    spans: list[int] = []
+    pos = 0
+    for b in blocks:
+        spans += [pos, len(b)]
+        pos += len(b)
+    spans += [pos, PAGE]  # a raw page
+    spans += [0xFFEE_DDCC_BBAA_9988, 0]  # same-filled: any 64-bit pattern
+    spans += [0, -1]  # missing: zeros
+    out = _lz4pages.gather(arena, spans)
+    assert isinstance(out, bytearray)
+    want = b"".join(anon_pages[:11]) + (0xFFEE_DDCC_BBAA_9988).to_bytes(8, "little") * 512
+    assert out == want + bytes(PAGE)
+    assert _lz4pages.gather(arena, []) == bytearray()
+
+
+@pytest.mark.parametrize(
+    "spans",
+    [
+        [0, PAGE + 1],  # longer than a page
+        [-1, 10],  # before the arena
+        [8000, 200],  # past its end
+        [0, -2],  # unknown kind
+        [0],  # not pairs
+        [0, 5],  # not an LZ4 block of a page
+        [1 << 70, 5],  # offset does not fit
+        ["x", 5],
+    ],
+)
+def test_gather_refuses_bad_spans(spans: list[object]) -> None:
+    arena = bytes(8100)
+    with pytest.raises((ValueError, TypeError, OverflowError)):
+        _lz4pages.gather(arena, spans)  # type: ignore[arg-type]
