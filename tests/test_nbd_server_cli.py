@@ -36,7 +36,8 @@ def test_help_says_volatile_and_lists_options() -> None:
     text = " ".join(res.stdout.split())
     assert "VOLATILE" in text and "not a persistent disk" in text
     for opt in ("--listen", "--size", "--memory", "--compressor", "--backing", "--export-name",
-                "--config", "--stats", "--mlock", "--log-level"):  # fmt: skip
+                "--config", "--stats", "--mlock", "--log-level",
+                "--no-compress-behind"):  # fmt: skip
         assert opt in text
 
 

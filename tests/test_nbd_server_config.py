@@ -19,6 +19,16 @@ def test_defaults() -> None:
     assert cfg.compressor == "lz4"
     assert cfg.backing is None
     assert cfg.stats is None
+    assert cfg.compress_behind is True
+
+
+def test_compress_behind_from_toml_and_cli(tmp_path: Path) -> None:
+    f = tmp_path / "serve.toml"
+    f.write_text("compress-behind = false\n")
+    assert load_config(f).compress_behind is False
+    assert load_config(f, {"compress_behind": True}).compress_behind is True
+    f.write_text("compress_behind = true\n")
+    assert load_config(f, {"compress_behind": None}).compress_behind is True
 
 
 def test_toml_then_cli_overrides(tmp_path: Path) -> None:
@@ -51,6 +61,7 @@ def test_serve_section_is_accepted(tmp_path: Path) -> None:
         ('compressor = "gzip"\n', "unknown compressor"),
         ('listen = "nohostport"\n', "HOST:PORT"),
         ("mlock = 1\n", "true or false"),
+        ('compress-behind = "yes"\n', "compress-behind must be true or false"),
         ("size = [\n", "not valid TOML"),
     ],
 )

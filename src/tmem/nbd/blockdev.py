@@ -5,6 +5,8 @@ Tiers, fastest first:
 * **RAM** -- a persistent (frontswap) pool: a 4 KiB-aligned write is a store, a read is
   a *non-exclusive* get (a block device may read the same block twice). Zero and
   same-filled pages cost no storage (zcache keeps them as a pampd without a frame).
+  With ``compress_behind`` a store lands raw in a free frame of the budget and zcache
+  compresses it later (:meth:`tmem.Zcache.compact`, run by the server when idle).
 * **huge** -- a page the pool rejects for poor compression is kept raw in a whole
   frame when there is no backing file (``Zcache(huge_pages=True)``, as zram does).
 * **backing** -- an optional sparse file, page N at offset N*4096, for poorly
@@ -46,7 +48,7 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any, TypeVar
 
-from tmem.compress import PAGE_SIZE
+from tmem.compress import PAGE_SIZE, Buffer
 from tmem.errors import ConfigError, RemotePageError, TmemError
 from tmem.zcache import Oid, PutResult, Zcache
 
@@ -128,6 +130,20 @@ class _Bitmap:
         return False
 
 
+def _set_bits(bits: bytearray, first: int, end: int) -> None:
+    """Set bits first..end-1 of a bitmap: whole bytes at once in the middle."""
+    while first < end and first & 7:
+        bits[first >> 3] |= 1 << (first & 7)
+        first += 1
+    whole = end & ~7
+    if first < whole:
+        bits[first >> 3 : whole >> 3] = b"\xff" * ((whole - first) >> 3)
+        first = whole
+    while first < end:
+        bits[first >> 3] |= 1 << (first & 7)
+        first += 1
+
+
 def _key(page_no: int) -> tuple[Oid, int]:
     return (page_no >> OBJ_SHIFT, 0, 0), page_no & OBJ_MASK
 
@@ -148,6 +164,7 @@ class BlockDevice:
         compressor: str = "lz4",
         backing: str | os.PathLike[str] | None = None,
         zcache: Zcache | None = None,
+        compress_behind: bool = False,
     ) -> None:
         if size <= 0 or size % PAGE_SIZE:
             raise ConfigError(f"export size must be a positive multiple of 4096, got {size}")
@@ -169,6 +186,7 @@ class BlockDevice:
             compressor,
             huge_pages=self._fd is None,
             writeback=self if self._fd is not None else None,
+            compress_behind=compress_behind,
         )
         if zcache is not None and self._fd is not None and zcache.writeback is None:
             zcache.writeback = self
@@ -339,18 +357,33 @@ class BlockDevice:
 
     def _read_range(self, offset: int, length: int) -> bytes:
         if not (offset | length) & PAGE_MASK:
-            # Fast path (whole pages): one zcache get per page, cold tiers only on a miss.
-            get, pool, cold = self.zcache.get, self.pool, self._read_cold
-            parts = []
-            for n in range(offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT):
-                data = get(pool, (n >> OBJ_SHIFT, 0, 0), n & OBJ_MASK, False)
-                parts.append(data if data is not None else cold(n))
-            return b"".join(parts)
+            # Fast path (whole pages): the RAM tier in one buffer, cold tiers patched in.
+            first = offset >> PAGE_SHIFT
+            buf, missing = self._read_pages(first, (offset + length) >> PAGE_SHIFT)
+            for m in missing:
+                page = self._read_cold(first + m)
+                if page is not ZERO_PAGE:
+                    buf[m << PAGE_SHIFT : (m + 1) << PAGE_SHIFT] = page
+            return bytes(buf)
         parts = []
         for n, start, stop in self._pages(offset, length):
             page = self._read_page(n)
             parts.append(page if stop - start == PAGE_SIZE else page[start:stop])
         return b"".join(parts)
+
+    def _read_pages(self, first: int, end: int) -> tuple[bytearray, list[int]]:
+        """RAM-tier pages first..end-1 as one buffer, and the positions (from ``first``)
+        the pool has no page for (zeros in the buffer): a zcache read_run per object,
+        which decompresses the run in one call."""
+        read_run, pool = self.zcache.read_run, self.pool
+        stop = min(end, (first | OBJ_MASK) + 1)
+        buf, missing = read_run(pool, (first >> OBJ_SHIFT, 0, 0), first & OBJ_MASK, stop - first)
+        while stop < end:  # the range crosses objects (2 MiB): rare, costs a copy
+            n, stop = stop, min(end, stop + PAGES_PER_OBJECT)
+            more, gaps = read_run(pool, (n >> OBJ_SHIFT, 0, 0), 0, stop - n)
+            missing += [g + n - first for g in gaps]
+            buf += more
+        return buf, missing
 
     def _read_extents(self, offset: int, length: int) -> list[bytes | int]:
         """Like _read_range, but as data runs and hole lengths.
@@ -360,65 +393,85 @@ class BlockDevice:
         replies. Consecutive data pages are joined into one run, because one chunk per
         page would cost the client a header and a recv per page.
         """
-        return [
-            r if isinstance(r, int) else r[0] if len(r) == 1 else b"".join(r)
-            for r in self._read_runs(offset, length)
-        ]
+        out: list[bytes | int] = []
+        for r in self._read_runs(offset, length):
+            if isinstance(r, int):
+                out.append(r)
+            else:
+                first = r[0]
+                out.append(first if len(r) == 1 and type(first) is bytes else b"".join(r))
+        return out
 
-    def _read_runs(self, offset: int, length: int) -> list[list[bytes] | int]:
-        """_read_extents with each data run as its list of pages (not joined: the NBD
-        reply sends them with one writev, saving a copy of every byte read)."""
+    def _read_runs(self, offset: int, length: int) -> list[list[Buffer] | int]:
+        """_read_extents with each data run as a list of buffers (views of one read_run
+        buffer, not joined: the NBD reply sends them with one writev, no copy)."""
         if (offset | length) & PAGE_MASK:
             return [[self._read_range(offset, length)]] if length else []
-        get, pool, cold, in_backing = self.zcache.get, self.pool, self._read_cold, self._in_backing
-        out: list[list[bytes] | int] = []
-        run: list[bytes] = []
+        first = offset >> PAGE_SHIFT
+        count = length >> PAGE_SHIFT
+        buf, missing = self._read_pages(first, first + count)
+        if not missing:
+            return [[buf]] if count else []
+        view, in_backing = memoryview(buf), self._in_backing
+        out: list[list[Buffer] | int] = []
+        run: list[Buffer] = []
         hole = 0
-        holes = 0
-        for n in range(offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT):
-            data = get(pool, (n >> OBJ_SHIFT, 0, 0), n & OBJ_MASK, False)
-            if data is None:
-                if not (in_backing.count and n in in_backing):
-                    if run:
-                        out.append(run)
-                        run = []
-                    hole += PAGE_SIZE
-                    holes += 1
-                    continue
-                data = cold(n)
-            if hole:
-                out.append(hole)
-                hole = 0
-            run.append(data)
+        done = 0  # pages before this position are in out/run/hole already
+        for m in [*missing, count]:
+            if m > done:  # RAM pages done..m-1: one view
+                if hole:
+                    out.append(hole)
+                    hole = 0
+                run.append(view[done << PAGE_SHIFT : m << PAGE_SHIFT])
+            if m == count:
+                break
+            n = first + m
+            if in_backing.count and n in in_backing:
+                if hole:
+                    out.append(hole)
+                    hole = 0
+                run.append(self._read_cold(n))
+            else:
+                if run:
+                    out.append(run)
+                    run = []
+                hole += PAGE_SIZE
+                self.counters.zero_reads += 1
+            done = m + 1
         if run:
             out.append(run)
         elif hole:
             out.append(hole)
-        self.counters.zero_reads += holes
         return out
 
     def _write_range(self, offset: int, data: bytes) -> None:
         if not (offset | len(data)) & PAGE_MASK:
-            # Fast path (whole pages): a store per page; refused pages take the slow path.
-            put, pool, stored_ok = self.zcache.put_status, self.pool, PutResult.STORED
-            in_backing = self._in_backing  # .count is re-read: writeback sets bits mid-loop
-            written = self._written
-            n = offset >> PAGE_SHIFT
-            stored = 0
-            try:
-                for pos in range(0, len(data), PAGE_SIZE):
-                    page = data[pos : pos + PAGE_SIZE]
-                    written[n >> 3] |= 1 << (n & 7)
-                    result = put(pool, (n >> OBJ_SHIFT, 0, 0), n & OBJ_MASK, page)
-                    if result is stored_ok:
-                        stored += 1
-                        if in_backing.count and n in in_backing:
-                            self._forget_backing(n)
-                    else:
-                        self._store_refused(n, page, result)
+            # Fast path (whole pages): one zcache put_run per object, over views of the
+            # payload (no copy); a refused page takes the slow path and the run goes on.
+            first = offset >> PAGE_SHIFT
+            end = first + (len(data) >> PAGE_SHIFT)
+            _set_bits(self._written, first, end)
+            in_backing = self._in_backing
+            if in_backing.count:
+                # Older copies in the file are stale from now on. Cleared before storing:
+                # zcache's writeback may file pages of this very run while it runs.
+                for n in range(first, end):
+                    if n in in_backing:
+                        self._forget_backing(n)
+            put_run, pool, view = self.zcache.put_run, self.pool, memoryview(data)
+            n = first
+            while n < end:
+                stop = min(end, (n | OBJ_MASK) + 1)  # the end of page n's object
+                pos = (n - first) << PAGE_SHIFT
+                done = put_run(pool, (n >> OBJ_SHIFT, 0, 0), n & OBJ_MASK,
+                               view[pos : pos + ((stop - n) << PAGE_SHIFT)])  # fmt: skip
+                self.counters.ram_stores += done
+                n += done
+                if n < stop:  # page n was refused
+                    pos = (n - first) << PAGE_SHIFT
+                    page = bytes(view[pos : pos + PAGE_SIZE])
+                    self._store_refused(n, page, self.zcache.last_refusal)
                     n += 1
-            finally:
-                self.counters.ram_stores += stored
             return
         pos = 0
         for n, start, stop in self._pages(offset, len(data)):
@@ -572,7 +625,7 @@ class BlockDevice:
                 await asyncio.sleep(0)
         return out
 
-    def read_runs(self, offset: int, length: int) -> list[list[bytes] | int]:
+    def read_runs(self, offset: int, length: int) -> list[list[Buffer] | int]:
         """:meth:`read_extents` with data runs as lists of buffers (nothing joined)."""
         self._check(offset, length, errno.EINVAL)
         self.counters.read_bytes += length
@@ -635,5 +688,6 @@ class BlockDevice:
         zs = self.zcache.stats()
         out["blockdev_ram_pages"] = int(zs.get("pers_zpages", 0))
         out["blockdev_huge_pages"] = int(zs.get("huge_pages", 0))
+        out["blockdev_staged_pages"] = int(zs.get("staged_pages", 0))  # raw, compressed later
         out["blockdev_cleancache_pages"] = int(zs.get("eph_zpages", 0))
         return out

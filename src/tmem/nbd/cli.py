@@ -23,6 +23,10 @@ _HELP = """Serve a compressed RAM block device over NBD.
 
 Writes are compressed into a RAM budget (--memory) by zcache; pages that do not
 compress, and the oldest pages once RAM is full, spill to --backing PATH if given.
+With --compress-behind (the default) a write lands raw in a free frame of the
+budget and is compressed when the server is idle, or at once when the frame is
+needed: bursts of writes run at memory speed, and density is the same once the
+server has caught up.
 Any NBD client can use it: nbd-client (swap or a filesystem), qemu, nbdcopy, nbdinfo.
 
 The export is VOLATILE, like zram: its contents live only while this server runs.
@@ -75,6 +79,12 @@ def serve_options(func: F) -> F:
             "--mlock/--no-mlock",
             default=None,
             help="mlockall and oom_score_adj -1000 (for serving swap to another host).",
+        ),
+        click.option(
+            "--compress-behind/--no-compress-behind",
+            default=None,
+            help="Store writes raw while the budget has free frames and compress them "
+            "when idle (default on); off compresses every write before replying.",
         ),
         click.option(
             "--log-level",

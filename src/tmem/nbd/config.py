@@ -2,9 +2,9 @@
 
 The TOML keys are the long option names (``listen``, ``size``, ``memory``,
 ``compressor``, ``backing``, ``export-name`` or ``export_name``, ``stats``, ``mlock``,
-``log-level``); options given on the command line override the file. Every value is
-validated here so a bad file fails with one clear :class:`tmem.ConfigError` before
-anything listens.
+``compress-behind``, ``log-level``); options given on the command line override the
+file. Every value is validated here so a bad file fails with one clear
+:class:`tmem.ConfigError` before anything listens.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ class ServeConfig:
     export_name: str = ""
     stats: Address | None = None
     mlock: bool = False
+    compress_behind: bool = True
     log_level: str = "info"
     ready_file: str | None = None
 
@@ -112,9 +113,9 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"stats must be HOST:PORT, got {value!r}")
         return Address.parse(value)
-    if name == "mlock":
+    if name in ("mlock", "compress_behind"):
         if not isinstance(value, bool):
-            raise ConfigError(f"mlock must be true or false, got {value!r}")
+            raise ConfigError(f"{name.replace('_', '-')} must be true or false, got {value!r}")
         return value
     if value is not None and not isinstance(value, str):
         raise ConfigError(f"{name.replace('_', '-')} must be a string, got {value!r}")

@@ -12,6 +12,10 @@ yet sent) pass a limit, reading from that client pauses until they drain.
 
 SIGTERM/SIGINT: stop accepting, finish in-flight requests, answer new ones with
 ESHUTDOWN, give clients a moment to disconnect, then return (exit 0).
+
+Compress-behind: writes may be stored raw (see :class:`tmem.Zcache`); a background task
+compresses them in small batches once no client has sent anything for COMPACT_QUIET
+seconds, so it never competes with requests for the event loop.
 """
 
 from __future__ import annotations
@@ -52,6 +56,12 @@ SHUTDOWN_GRACE = 2.0
 # A client must finish the handshake within this time: idle half-open connections
 # must not pile up (each costs a file descriptor and a connection object).
 HANDSHAKE_TIMEOUT = 30.0
+# Compress-behind runs after this much quiet on every connection, COMPACT_BATCH pages
+# (a fraction of a millisecond) between looks at the clients; with nothing staged it
+# checks again every COMPACT_POLL seconds.
+COMPACT_QUIET = 0.002
+COMPACT_BATCH = 32
+COMPACT_POLL = 0.05
 FUA = int(proto.CmdFlag.FUA)  # tested with int(): IntFlag operators cost ~1 us each
 # Module constants: the per-request path runs interpreted, where every dotted lookup counts.
 READ = proto.Command.READ
@@ -96,6 +106,31 @@ class NbdServer:
         self._unix_paths: list[str] = []
         self.tasks: set[asyncio.Task[None]] = set()  # every connection's, incl. closed ones
         self.started = time.monotonic()
+        self.last_input = 0.0  # time.monotonic() of the latest bytes from any client
+        self._compactor: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------ compress-behind
+    def start_compactor(self) -> None:
+        """Compress staged pages in the background (only if the zcache stages any)."""
+        if self.device.zcache.compress_behind and self._compactor is None:
+            self._compactor = asyncio.get_running_loop().create_task(self._compact_behind())
+
+    async def _compact_behind(self) -> None:
+        zc = self.device.zcache
+        while True:
+            if not zc.staged_pages:
+                await asyncio.sleep(COMPACT_POLL)
+                continue
+            wait = self.last_input + COMPACT_QUIET - time.monotonic()
+            if wait > 0:  # clients are busy: they come first
+                await asyncio.sleep(wait)
+                continue
+            try:
+                zc.compact(COMPACT_BATCH)
+            except Exception:  # never let the data path die with the helper
+                log.exception("compress-behind failed; staged pages stay raw")
+                return
+            await asyncio.sleep(0)
 
     # ------------------------------------------------------------- listening
     async def listen(self, address: Address) -> str:
@@ -135,6 +170,8 @@ class NbdServer:
     async def shutdown(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop accepting, finish in-flight requests, then close every connection."""
         self.shutting_down = True
+        if self._compactor is not None:
+            self._compactor.cancel()
         for server in self._servers:
             server.close()
         for conn in list(self._conns):
@@ -254,6 +291,7 @@ class _NbdProtocol(asyncio.Protocol):
         self._pump()
 
     def data_received(self, data: bytes) -> None:
+        self.server.last_input = time.monotonic()
         if self._closing:
             return
         self._inbox.append(data)
@@ -346,7 +384,7 @@ class _NbdProtocol(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(out)
 
-    def _reply(self, req: proto.Request, error: int = 0, data: bytes | None = None) -> None:
+    def _reply(self, req: proto.Request, error: int = 0, data: proto.Buffer | None = None) -> None:
         if self.transport is None or self.transport.is_closing():
             return
         try:
@@ -359,7 +397,9 @@ class _NbdProtocol(asyncio.Protocol):
         self._out_bytes += req.length if data is not None else 16
 
     def _reply_read(
-        self, req: proto.Request, extents: Sequence[bytes | int] | Sequence[list[bytes] | int]
+        self,
+        req: proto.Request,
+        extents: Sequence[bytes | int] | Sequence[list[proto.Buffer] | int],
     ) -> None:
         """A READ reply from data (buffers, or runs of pages: no join copy, the pages go
         out in one writev) and holes (32 bytes on the wire under structured replies)."""
@@ -368,10 +408,10 @@ class _NbdProtocol(asyncio.Protocol):
         if not extents:
             self._reply(req, 0, b"")
             return
-        only = extents[0]
+        only: bytes | int | list[proto.Buffer] | proto.Buffer = extents[0]
         if len(extents) == 1 and isinstance(only, list) and len(only) == 1:
             only = only[0]
-        if len(extents) == 1 and isinstance(only, bytes):
+        if len(extents) == 1 and isinstance(only, bytes | bytearray | memoryview):
             self._reply(req, 0, only)  # one buffer: the simplest reply
             return
         try:
@@ -551,6 +591,7 @@ def build_device(config: ServeConfig, zcache: Zcache | None = None) -> BlockDevi
         compressor=config.compressor,
         backing=config.backing,
         zcache=zcache,
+        compress_behind=config.compress_behind,
     )
 
 
@@ -576,6 +617,7 @@ async def serve_async(
             bound = [await server.listen(addr) for addr in config.listen]
         except OSError as exc:
             raise ConfigError(f"cannot listen: {exc}") from exc
+        server.start_compactor()
         ready: dict[str, Any] = {"listen": bound}
         if config.stats is not None:
             stats_server = StatsServer(server.snapshot)
