@@ -1,8 +1,13 @@
 """`tmem serve` against `nbdkit memory` (the baseline), same clients, same run.
 
-Measures, for both servers over unix sockets:
+Measures, for each server over unix sockets -- nbdkit, `tmem serve` as configured by
+default (compress-behind: writes land raw in free RAM frames and are compressed when
+the server is idle) and `tmem serve --no-compress-behind` (every write compressed
+before the reply):
   * nbdcopy of a real-data image (files from /usr) into the export and back out
-    (MB/s, best of --repeat), with --connections;
+    (MB/s, best of --repeat), with --connections. Before each read, the benchmark
+    waits until tmem has compressed every staged page (it reports how long that took
+    and the density reached), so reads always decompress: the steady state;
   * `qemu-img bench` 4 KiB requests at queue depth 32, write then read (IOPS);
 and for tmem alone a writeback run: an image of 4x the RAM budget written with a
 backing file (pages/s that landed in RAM while writeback ran, writeback pages, and
@@ -58,6 +63,7 @@ def wait_for(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
 class Server:
     def __init__(self, kind: str, tmp: Path, size: int, extra: list[str]) -> None:
         self.kind = kind
+        self.is_tmem = kind != "nbdkit"
         self.sock = tmp / f"{kind}.sock"
         self.stats_url: str | None = None
         if kind == "nbdkit":
@@ -65,7 +71,7 @@ class Server:
             self.proc = subprocess.Popen(cmd)
             wait_for(self.sock, self.proc, "nbdkit")
         else:
-            ready = tmp / "tmem.ready"
+            ready = tmp / f"{kind}.ready"
             ready.unlink(missing_ok=True)
             cmd = [
                 sys.executable, "-m", "tmem", "serve", "--listen", f"unix:{self.sock}",
@@ -86,6 +92,16 @@ class Server:
         with urllib.request.urlopen(self.stats_url + "/stats", timeout=10) as r:
             data: dict[str, Any] = json.load(r)
         return data
+
+    def settle(self, timeout: float = 300.0) -> tuple[float, dict[str, Any]]:
+        """Wait until compress-behind has compressed every staged page; return the
+        seconds waited and the zcache stats then."""
+        t0 = time.perf_counter()
+        while True:
+            zs = self.stats()["zcache"]
+            if not zs.get("staged_pages", 0) or time.perf_counter() - t0 > timeout:
+                return time.perf_counter() - t0, zs
+            time.sleep(0.1)  # /stats walks every page: do not poll it hard
 
     def cpu(self) -> float:
         """CPU seconds (user + system, all threads) the server process has used."""
@@ -128,9 +144,10 @@ def throughput(args: argparse.Namespace, tmp: Path, image: Path, digest: str) ->
     """Both servers run at once and every measurement alternates between them, so a
     change in machine load hits both sides alike; each figure is the best of --repeat."""
     size = image.stat().st_size
-    kinds = ("nbdkit", "tmem")
+    kinds = ("nbdkit", "tmem", "tmem-sync")
     servers: dict[str, Server] = {}
     best: dict[str, dict[str, float]] = {k: {} for k in kinds}
+    settled: dict[str, dict[str, float]] = {}
 
     cpu: dict[str, dict[str, float]] = {k: {} for k in kinds}  # CPU s per page/request
 
@@ -144,7 +161,9 @@ def throughput(args: argparse.Namespace, tmp: Path, image: Path, digest: str) ->
 
     try:
         for kind in kinds:
-            extra = ["--memory", args.memory] if kind == "tmem" else []
+            extra = [] if kind == "nbdkit" else ["--memory", args.memory]
+            if kind == "tmem-sync":
+                extra.append("--no-compress-behind")
             servers[kind] = Server(kind, tmp, size, extra)
         ok: dict[str, bool] = {}
         for _ in range(args.repeat):
@@ -156,6 +175,15 @@ def throughput(args: argparse.Namespace, tmp: Path, image: Path, digest: str) ->
                 c1 = srv.cpu()
                 keep(kind, "write_MBps", size / w / 1e6)
                 charge(kind, "write_MBps", c1 - c0, size // 4096)
+                if srv.is_tmem:
+                    wait, zs = srv.settle()
+                    c1 = srv.cpu()
+                    settled[kind] = {
+                        "seconds": round(wait, 3),
+                        "compression_ratio": round(zs["compression_ratio"], 3),
+                        "frames_used": zs["frames_used"],
+                        "stored_pages": zs["stored_pages"],
+                    }
                 out = tmp / f"out-{kind}.img"
                 r = timed(["nbdcopy", *copy_opts(args), uri, str(out)])
                 keep(kind, "read_MBps", size / r / 1e6)
@@ -177,6 +205,7 @@ def throughput(args: argparse.Namespace, tmp: Path, image: Path, digest: str) ->
             "cpu_us": {w: round(v * 1e6, 2) for w, v in cpu[k].items()},
             "sha256_match": ok[k],
             "exit": rcs[k],
+            **({"settled_after_last_write": settled[k]} if k in settled else {}),
         }
         for k in kinds
     }
@@ -220,6 +249,23 @@ def writeback_run(args: argparse.Namespace, tmp: Path, image: Path, digest: str)
     }
 
 
+def report(
+    what: str,
+    fmt: str,
+    base: dict[str, Any],
+    res: dict[str, Any],
+    tmems: tuple[str, ...],
+    unit: str,
+) -> None:
+    """One line per measure: nbdkit, then each tmem variant with its ratio to nbdkit."""
+    line = f"  {what:11s} nbdkit {base[what]:{fmt}}"
+    cpu = f"nbdkit {base['cpu_us'][what]:.2f}"
+    for t in tmems:
+        line += f" | {t} {res[t][what]:{fmt}} ratio {res[t][what] / base[what]:.2f}"
+        cpu += f" {t} {res[t]['cpu_us'][what]:.2f}"
+    print(f"{line}   (server CPU us/{unit}: {cpu})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--size", default="256MiB")
@@ -239,23 +285,23 @@ def main() -> None:
         image = tmp / "image.raw"
         digest = write_real_image(image, parse_size(args.size))
         res = throughput(args, tmp, image, digest)
-        k, t = res["nbdkit"], res["tmem"]
+        k = res["nbdkit"]
+        tmems = ("tmem", "tmem-sync")
         print(f"nbdcopy {args.size}, {args.connections} connections, best of {args.repeat}:")
-        for what in ("write_MBps", "read_MBps"):
+        for what, fmt in (("write_MBps", ".1f"), ("read_MBps", ".1f")):
+            report(what, fmt, k, res, tmems, "page")
+        for t in tmems:
+            info = res[t].get("settled_after_last_write", {})
             print(
-                f"  {what:11s} nbdkit {k[what]:8.1f}  tmem {t[what]:8.1f}  "
-                f"ratio {t[what] / k[what]:.2f}   server CPU us/page: "
-                f"nbdkit {k['cpu_us'][what]:.2f} tmem {t['cpu_us'][what]:.2f}"
+                f"  {t}: sha256 identical {res[t]['sha256_match']}; compress-behind done "
+                f"{info.get('seconds', 0):.2f} s after the write, compression ratio "
+                f"{info.get('compression_ratio', 0):.3f}"
             )
-        print(f"  round trip sha256 identical: nbdkit {k['sha256_match']} tmem {t['sha256_match']}")
+        print(f"  nbdkit sha256 identical {k['sha256_match']}")
         print(f"qemu-img bench 4 KiB, depth 32, {args.iops_count} requests, best of {args.repeat}:")
         for what in ("write_iops", "read_iops"):
-            print(
-                f"  {what:11s} nbdkit {k[what]:8.0f}  tmem {t[what]:8.0f}  "
-                f"ratio {t[what] / k[what]:.2f}   server CPU us/request: "
-                f"nbdkit {k['cpu_us'][what]:.2f} tmem {t['cpu_us'][what]:.2f}"
-            )
-        print(f"  exit codes after SIGTERM: nbdkit {k['exit']} tmem {t['exit']}")
+            report(what, ".0f", k, res, tmems, "request")
+        print("  exit codes after SIGTERM: " + " ".join(f"{n} {r['exit']}" for n, r in res.items()))
         if not args.skip_writeback:
             wb = writeback_run(args, tmp, image, digest)
             print(f"writeback run ({wb['image']} into {wb['memory']} RAM + backing file):")
