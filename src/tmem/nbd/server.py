@@ -26,6 +26,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import gc
 import json
 import logging
 import os
@@ -583,6 +584,37 @@ def lock_memory() -> None:
         log.warning("cannot set oom_score_adj -1000: %s", exc)
 
 
+def tune_malloc() -> None:
+    """Keep request-sized buffers on the heap and the heap's free top in the process.
+
+    Every READ reply and WRITE payload is a buffer of up to a few MiB, allocated and
+    freed thousands of times a second. glibc's defaults serve such sizes with mmap, or
+    hand the heap's free top back to the kernel, so the next buffer page-faults
+    and is zeroed again: measured here, that doubled the server's CPU per page read
+    (nbdcopy). mmap only above 32 MiB (NBD's largest request) and keep up to 64 MiB
+    of free heap (what one connection may hold in flight). No-op without glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    mallopt(m_mmap_threshold, 32 << 20)
+    mallopt(m_trim_threshold, 64 << 20)
+
+
+def tune_gc() -> None:
+    """Run the cyclic garbage collector less often on the data path.
+
+    Every page written allocates a few container objects (its handle tuple, buffer
+    views), so with CPython's default (a collection every 700) the collector ran every
+    couple of hundred pages: about a tenth of the server's CPU per page written. The
+    store itself holds no reference cycles; 20,000 still collects asyncio's several
+    times a second under load.
+    """
+    gc.set_threshold(20_000, 20, 20)
+
+
 def build_device(config: ServeConfig, zcache: Zcache | None = None) -> BlockDevice:
     """The block device a config describes (shared with the cluster node command)."""
     return BlockDevice(
@@ -604,6 +636,8 @@ async def serve_async(
     """Run a server for ``config`` until ``stop`` is set (or SIGTERM/SIGINT)."""
     if config.mlock:
         lock_memory()
+    tune_malloc()
+    tune_gc()
     device = device or build_device(config)
     server = NbdServer(device, config.export_name)
     stop = stop or asyncio.Event()
