@@ -152,9 +152,10 @@ def test_staged_pages_are_compacted_before_anything_is_written_back(
     assert read_all(zc, pool, 100) == compressible
 
 
-def test_put_run_and_read_run(anon_pages: list[bytes]) -> None:
+@pytest.mark.parametrize("compressor", ["lz4", "zstd"])  # zstd: the per-page path
+def test_put_run_and_read_run(anon_pages: list[bytes], compressor: str) -> None:
     for behind in (False, True):
-        zc = Zcache("4MiB", compress_behind=behind, prefault=False, huge_pages=True)
+        zc = Zcache("4MiB", compressor, compress_behind=behind, prefault=False, huge_pages=True)
         pool = zc.new_pool(persistent=True)
         run = anon_pages[:64]
         assert zc.put_run(pool, (7, 0, 0), 100, b"".join(run)) == 64
