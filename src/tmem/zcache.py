@@ -1121,8 +1121,9 @@ class Zcache:
                     if index > 256:
                         total += 28
                     if type(pampd) is int:
-                        if pampd > 256 or pampd < -5:
-                            total += getsizeof(pampd)
+                        if pampd > 256 or pampd < -5:  # a one-digit int is 28 bytes
+                            small = -0x3FFFFFFF <= pampd <= 0x3FFFFFFF
+                            total += 28 if small else getsizeof(pampd)
                     else:
                         total += getsizeof(pampd)
         return total
@@ -1231,6 +1232,8 @@ def _radix_nodes(pages: dict[int, Pampd]) -> int:
     while top >> (6 * height):
         height += 1
     nodes = 0
+    dense = len(pages) == top + 1  # indexes 0..top (a block device's objects): no walk
     for level in range(1, height + 1):
-        nodes += len({index >> (6 * level) for index in pages})
+        shift = 6 * level
+        nodes += (top >> shift) + 1 if dense else len({index >> shift for index in pages})
     return nodes
