@@ -334,21 +334,18 @@ class Zbud:
         self._touch(cls, frame)
         return frame << 1
 
-    def stage_run(
-        self, free_frames: array[int], pages: memoryview, first: Handle, count: int
-    ) -> list[int]:
+    def stage_run(self, free_frames: array[int], pages: memoryview, count: int) -> list[int]:
         """Store ``count`` persistent pages of ``pages`` raw, one per frame taken from
-        ``free_frames``, until zcache compresses them (compress-behind); page i gets the
-        handle ``first`` with index + i. Returns their pampds (``frame << 1``).
+        ``free_frames``, until zcache compresses them (compress-behind); returns the
+        frames, in page order.
 
         The write hot path of compress-behind, so it does the least it can: a staged
         frame is a huge frame on no LRU (zcache compacts staged pages before it would
-        write anything back), and the empty frame's other columns are already zero.
+        write anything back) whose handle zcache keeps per run, not here; the empty
+        frame's other columns are already zero.
         """
-        o0, o1, o2, index, pool_id, client = first
         flags, cls, size0, arena = self.flags, self.cls, self.size0, self.arena
-        handles = self.huge_handles
-        pampds: list[int] = []
+        frames: list[int] = []
         for i in range(count):
             frame = free_frames.pop()
             flags[frame] = F_USED | F_HUGE | F_STAGED
@@ -357,8 +354,7 @@ class Zbud:
             start = frame * PAGE_SIZE
             pos = i * PAGE_SIZE
             arena[start : start + PAGE_SIZE] = pages[pos : pos + PAGE_SIZE]
-            handles[frame] = (o0, o1, o2, index + i, pool_id, client)
-            pampds.append(frame << 1)
+            frames.append(frame)
         c = self.counters[PERS]
         c.staged_count += count
         c.pageframes += count
@@ -367,12 +363,13 @@ class Zbud:
         c.zbytes += count * PAGE_SIZE
         c.cumul_zpages += count
         c.cumul_zbytes += count * PAGE_SIZE
-        return pampds
+        return frames
 
-    def unstage(self, frame: int) -> None:
+    def unstage(self, frame: int, handle: Handle) -> None:
         """A staged page stays raw for good: an ordinary huge page now, on the LRU."""
         if self.flags[frame] & F_STAGED:
             self.flags[frame] &= ~F_STAGED
+            self.huge_handles[frame] = handle
             cls = self.cls[frame]
             self.counters[cls].staged_count -= 1
             self._touch(cls, frame)
@@ -444,8 +441,9 @@ class Zbud:
             if flags & F_HUGE:
                 c.huge_count -= 1
                 if flags & F_STAGED:
-                    c.staged_count -= 1
-                del self.huge_handles[frame]
+                    c.staged_count -= 1  # zcache keeps staged frames' handles
+                else:
+                    del self.huge_handles[frame]
             self.where[frame] = 0
             self.stamp[frame] = 0
             self.flags[frame] = 0
@@ -481,10 +479,8 @@ class Zbud:
             c.zpages -= 1
             c.zbytes -= stored if huge else stored - HANDLE_SIZE
         self.size0[frame] = self.size1[frame] = 0
-        if huge:
+        if huge:  # staged frames are on no LRU, so never evicted
             c.huge_count -= 1
-            if self.flags[frame] & F_STAGED:
-                c.staged_count -= 1
             del self.huge_handles[frame]
         self.flags[frame] = 0
         c.pageframes -= 1

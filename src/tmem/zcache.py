@@ -86,6 +86,7 @@ PERS_MAX_ZSIZE: Final = PAGE_SIZE * 7 // 8  # 3584
 PERS_MAX_MEAN_ZSIZE: Final = PAGE_SIZE * 5 // 8  # 2560
 SAME_FILLED_PROBE: Final = 64  # only pages compressing to <= this many bytes can be same-filled
 _ZERO_PAGE = bytes(PAGE_SIZE)
+StagedRun = tuple[Pool, Oid, int, list[int]]  # compress-behind queue entry
 
 
 class PutResult(enum.IntEnum):
@@ -204,7 +205,9 @@ class Zcache:
         # frames are on no LRU: they are compacted before anything is written back.
         self.compress_behind = compress_behind
         self.stage_reserve = max(16, self.frames_total // 64)
-        self._staged: deque[int] = deque()  # staged frames, oldest first (stale entries ok)
+        # Staged runs, oldest first: (pool, oid, first index, frames); stale entries ok.
+        self._staged: deque[StagedRun] = deque()
+        self._staged_entries = 0  # frames named by _staged (stale ones included)
         self.writeback = writeback
         self.remote_hooks: RemoteHooks | None = None
         # The arena: one anonymous mapping holding the whole budget. Prefaulted by
@@ -562,25 +565,57 @@ class Zcache:
     def _stage(self, pool: Pool, oid: Oid, index: int, pages: memoryview, count: int) -> None:
         """Store ``count`` persistent pages raw in free frames; :meth:`compact` compresses
         them. The caller checked the arguments and that enough frames are free."""
-        first = (oid[0], oid[1], oid[2], index, pool.pool_id, pool.client)
-        pampds = self.zbud.stage_run(self._free_frames, pages, first, count)
+        frames = self.zbud.stage_run(self._free_frames, pages, count)
         entries = pool.objects.get(oid)
         if entries is None:
             entries = pool.objects[oid] = {}
-        staged = self._staged
-        for pampd in pampds:
-            old = entries.get(index)
-            entries[index] = pampd
+        i = index
+        for frame in frames:
+            old = entries.get(i)
+            entries[i] = frame << 1
             if old is not None:
-                self.free(pool, oid, index, old)
-            staged.append(pampd >> 1)
-            index += 1
-        if len(staged) > 4096 and len(staged) > 2 * self.zbud.counters[PERS].staged_count:
-            flags = self.zbud.flags
-            live = [f for f in staged if flags[f] & F_STAGED]
-            staged.clear()
-            staged.extend(dict.fromkeys(live))  # overwritten pages left stale entries
+                self.free(pool, oid, i, old)
+            i += 1
+        # One queue entry per run: its pages' handles follow from (pool, oid, index).
+        self._staged.append((pool, oid, index, frames))
+        self._staged_entries += count
+        if self._staged_entries > 4096 and self._staged_entries > 2 * self.staged_pages:
+            self._prune_staged()  # rewrites and flushes left stale entries
         self.counters.staged_pages_total += count
+
+    def _is_staged(self, pool: Pool, oid: Oid, index: int, frame: int) -> bool:
+        """Does the queue entry (pool, oid, index) -> frame still name a staged page?
+
+        A frame may have been freed (rewrite, flush) and staged again for another page:
+        it counts only while the handle maps to it and it is still staged.
+        """
+        entries = pool.objects.get(oid)
+        return (
+            entries is not None
+            and entries.get(index) == frame << 1
+            and bool(self.zbud.flags[frame] & F_STAGED)
+        )
+
+    def _prune_staged(self) -> None:
+        """Drop stale queue entries (each page once, runs split where pages are gone)."""
+        runs: deque[StagedRun] = deque()
+        seen: set[int] = set()
+        for pool, oid, first, frames in self._staged:
+            start = first
+            live: list[int] = []
+            for k, frame in enumerate(frames):
+                if frame not in seen and self._is_staged(pool, oid, first + k, frame):
+                    seen.add(frame)
+                    if not live:
+                        start = first + k
+                    live.append(frame)
+                elif live:
+                    runs.append((pool, oid, start, live))
+                    live = []
+            if live:
+                runs.append((pool, oid, start, live))
+        self._staged = runs
+        self._staged_entries = len(seen)
 
     @property
     def staged_pages(self) -> int:
@@ -597,12 +632,16 @@ class Zcache:
         """
         done = 0
         staged = self._staged
-        flags = self.zbud.flags
         while done < max_pages and staged:
-            frame = staged.popleft()
-            if flags[frame] & F_STAGED:  # else stale: the page was flushed or replaced
-                self._compact_frame(frame)
-                done += 1
+            pool, oid, first, frames = staged.popleft()
+            take = min(len(frames), max_pages - done)
+            for k in range(take):
+                if self._is_staged(pool, oid, first + k, frames[k]):
+                    self._compact_page(pool, oid, first + k, frames[k])
+                    done += 1
+            self._staged_entries -= take
+            if take < len(frames):
+                staged.appendleft((pool, oid, first + take, frames[take:]))
         return done
 
     def _compact_for_frame(self) -> bool:
@@ -615,15 +654,9 @@ class Zcache:
                 return False
         return True
 
-    def _compact_frame(self, frame: int) -> None:
+    def _compact_page(self, pool: Pool, oid: Oid, index: int, frame: int) -> None:
         zbud = self.zbud
-        handle = zbud.huge_handles[frame]
-        o0, o1, o2, index, pool_id, client = handle
-        pool = self.tmem.find_pool(pool_id, client)
-        if pool is None:  # cannot happen: destroying a pool frees its pages
-            zbud.unstage(frame)
-            return
-        oid = (o0, o1, o2)
+        handle = (oid[0], oid[1], oid[2], index, pool.pool_id, pool.client)
         pampd = frame << 1
         start = frame * PAGE_SIZE
         page = zbud.arena[start : start + PAGE_SIZE]
@@ -638,16 +671,16 @@ class Zcache:
         if clen > PERS_MAX_MEAN_ZSIZE and self._rejects(True, clen):
             wb = self.writeback
             if not self.huge_pages and wb is not None:
-                if wb.write_back(pool_id, oid, index, bytes(page)):
+                if wb.write_back(pool.pool_id, oid, index, bytes(page)):
                     self.tmem.remove(pool, oid, index)
                     self.counters.writtenback_pages += 1
                     self._free_frames.append(zbud.free(pampd))
                     return
                 self.counters.writeback_failed += 1
-            zbud.unstage(frame)  # accepted pages are kept: raw, as a huge page
+            zbud.unstage(frame, handle)  # accepted pages are kept: raw, as a huge page
             self.counters.huge_pages_stored += 1
             return
-        new = zbud.store(PERS, data, self._free_frames, o0, o1, o2, index, pool_id, client)
+        new = zbud.store(PERS, data, self._free_frames, *handle)
         if new < 0:  # no room anywhere: the raw frame itself becomes the zbud frame
             zbud.free(pampd)
             new = zbud.create(PERS, frame, handle, data)
@@ -1111,6 +1144,7 @@ class Zcache:
         (small ints are cached by CPython and cost nothing).
         """
         total = self.zbud.metadata_bytes() + self._free_frames.buffer_info()[1] * 4
+        total += sum(120 + 36 * len(run[3]) for run in self._staged)  # tuple + list of ints
         getsizeof = sys.getsizeof
         for pool in self.tmem.pools():
             total += getsizeof(pool.objects) + 200
