@@ -53,11 +53,9 @@ from tmem.tmem_core import (
     check_oid,
 )
 from tmem.zbud import (
-    CHUNK_SIZE,
     EPH,
     F_HUGE,
     F_STAGED,
-    HANDLE_SIZE,
     MAX_BUDDY_SIZE,
     PERS,
     Zbud,
@@ -218,8 +216,6 @@ class Zcache:
             flags |= getattr(mmap, "MAP_POPULATE", 0)
         self._mm = mmap.mmap(-1, self.frames_total * PAGE_SIZE, flags=flags)
         self.zbud = Zbud(memoryview(self._mm), self.frames_total)  # writes via memoryview
-        self._size0 = self.zbud.size0  # the get hot path reads the size columns directly
-        self._size1 = self.zbud.size1
         self.tmem = Tmem(self)
         self._local = self.tmem.local_by_id
         # zcache owns every frame; free ones wait on this stack (frame 0 on top) and zbud
@@ -379,20 +375,14 @@ class Zcache:
         return emptied
 
     def _read(self, pampd: int) -> bytes:
-        """The page behind a local pampd, decompressed (zbud's span() inlined: hot path)."""
+        """The page behind a local pampd, decompressed."""
         if pampd < 0:
             return (-1 - pampd).to_bytes(8, "little") * (PAGE_SIZE // 8)
-        frame = pampd >> 1
+        start, end = self.zbud.span(pampd)
+        if end - start == PAGE_SIZE:  # a huge or staged page: kept raw
+            return self._mm[start:end]
         try:
-            if pampd & 1:
-                stored = self._size1[frame]
-                start = (frame + 1) * PAGE_SIZE - ((stored + CHUNK_SIZE - 1) & -CHUNK_SIZE)
-                return self._decompress(self._mm[start + HANDLE_SIZE : start + stored])
-            stored = self._size0[frame]
-            start = frame * PAGE_SIZE
-            if stored == PAGE_SIZE:  # a huge or staged page: kept raw
-                return self._mm[start : start + PAGE_SIZE]
-            return self._decompress(self._mm[start + HANDLE_SIZE : start + stored])
+            return self._decompress(self._mm[start:end])
         except Exception as exc:  # a corrupt page must never pass as data
             raise TmemError(f"stored page failed to decompress: {exc}") from exc
 
@@ -831,9 +821,8 @@ class Zcache:
                     raise RemotePageError(pampd)
             self.counters.failed_gets += len(missing)
             return out, missing
-        # [start, length] per page for gather(): zbud's span() inlined, as in _read().
-        spans: list[int] = []
-        size0, size1 = self._size0, self._size1
+        spans: list[int] = []  # [start, length] per page for gather()
+        span = self.zbud.span
         for i in range(count):
             pampd = pages.get(first_index + i)
             if pampd is None:
@@ -845,21 +834,10 @@ class Zcache:
             elif pampd < 0:  # same-filled: the 8-byte pattern
                 spans.append(-1 - pampd)
                 spans.append(0)
-            else:
-                frame = pampd >> 1
-                if pampd & 1:
-                    stored = size1[frame]
-                    start = (frame + 1) * PAGE_SIZE - ((stored + CHUNK_SIZE - 1) & -CHUNK_SIZE)
-                    spans.append(start + HANDLE_SIZE)
-                    spans.append(stored - HANDLE_SIZE)
-                else:
-                    stored = size0[frame]
-                    if stored == PAGE_SIZE:  # a huge or staged page: kept raw
-                        spans.append(frame * PAGE_SIZE)
-                        spans.append(PAGE_SIZE)
-                    else:
-                        spans.append(frame * PAGE_SIZE + HANDLE_SIZE)
-                        spans.append(stored - HANDLE_SIZE)
+            else:  # length PAGE_SIZE: a huge or staged page, copied raw
+                start, end = span(pampd)
+                spans.append(start)
+                spans.append(end - start)
         self.counters.failed_gets += len(missing)
         try:
             return gather(self._mm, spans), missing
@@ -1090,8 +1068,7 @@ class Zcache:
         objects = pool.objects
         remove = bool(free) or (free is None and not pool.persistent)
         mm = self._mm
-        size0 = self._size0
-        size1 = self._size1
+        span = self.zbud.span
         out: list[tuple[bytes, bool] | None] = []
         for oid, index in keys:
             try:
@@ -1112,20 +1089,11 @@ class Zcache:
                 continue
             if type(pampd) is not int:
                 raise RemotePageError(pampd)
-            frame = pampd >> 1
             if pampd < 0:
                 out.append((self._read(pampd), False))
-            elif pampd & 1:  # zbud's span(), inlined as in get()
-                stored = size1[frame]
-                start = (frame + 1) * PAGE_SIZE - ((stored + CHUNK_SIZE - 1) & -CHUNK_SIZE)
-                out.append((mm[start + HANDLE_SIZE : start + stored], True))
             else:
-                stored = size0[frame]
-                start = frame * PAGE_SIZE
-                if stored == PAGE_SIZE:  # a huge page: kept raw
-                    out.append((mm[start : start + PAGE_SIZE], False))
-                else:
-                    out.append((mm[start + HANDLE_SIZE : start + stored], True))
+                start, end = span(pampd)
+                out.append((mm[start:end], end - start != PAGE_SIZE))  # raw: a huge page
             if remove:
                 self.tmem.remove(pool, oid, index)
                 self.free(pool, oid, index, pampd)
