@@ -345,16 +345,20 @@ class Zbud:
         frame's other columns are already zero.
         """
         flags, cls, size0, arena = self.flags, self.cls, self.size0, self.arena
-        frames: list[int] = []
+        # Take the frames off the top of the stack in one slice (pop() parses arguments
+        # on every call); the top one first, as pop() would.
+        top = len(free_frames) - count
+        frames = free_frames[top:].tolist()
+        frames.reverse()
+        del free_frames[top:]
         for i in range(count):
-            frame = free_frames.pop()
+            frame = frames[i]
             flags[frame] = F_USED | F_HUGE | F_STAGED
             cls[frame] = PERS
             size0[frame] = PAGE_SIZE
             start = frame * PAGE_SIZE
             pos = i * PAGE_SIZE
             arena[start : start + PAGE_SIZE] = pages[pos : pos + PAGE_SIZE]
-            frames.append(frame)
         c = self.counters[PERS]
         c.staged_count += count
         c.pageframes += count
