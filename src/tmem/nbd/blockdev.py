@@ -106,42 +106,45 @@ class BlockDeviceCounters:
 class _Bitmap:
     """One bit per page: cheap for millions of pages (1 GiB export = 32 KiB)."""
 
-    __slots__ = ("_bits", "count")
+    __slots__ = ("bits", "count")
 
     def __init__(self, nbits: int) -> None:
-        self._bits = bytearray((nbits + 7) // 8)
+        self.bits = bytearray((nbits + 7) // 8)
         self.count = 0
 
     def __contains__(self, n: int) -> bool:
-        return bool(self._bits[n >> 3] & (1 << (n & 7)))
+        return bool(self.bits[n >> 3] & (1 << (n & 7)))
 
     def add(self, n: int) -> None:
         mask = 1 << (n & 7)
-        if not self._bits[n >> 3] & mask:
-            self._bits[n >> 3] |= mask
+        if not self.bits[n >> 3] & mask:
+            self.bits[n >> 3] |= mask
             self.count += 1
 
     def discard(self, n: int) -> bool:
         mask = 1 << (n & 7)
-        if self._bits[n >> 3] & mask:
-            self._bits[n >> 3] &= ~mask & 0xFF
+        if self.bits[n >> 3] & mask:
+            self.bits[n >> 3] &= ~mask & 0xFF
             self.count -= 1
             return True
         return False
 
-
-def _set_bits(bits: bytearray, first: int, end: int) -> None:
-    """Set bits first..end-1 of a bitmap: whole bytes at once in the middle."""
-    while first < end and first & 7:
-        bits[first >> 3] |= 1 << (first & 7)
-        first += 1
-    whole = end & ~7
-    if first < whole:
-        bits[first >> 3 : whole >> 3] = b"\xff" * ((whole - first) >> 3)
-        first = whole
-    while first < end:
-        bits[first >> 3] |= 1 << (first & 7)
-        first += 1
+    def add_range(self, first: int, end: int) -> None:
+        """Set bits first..end-1: whole bytes at once in the middle."""
+        bits = self.bits
+        lo, hi = first >> 3, (end + 7) >> 3
+        before = int.from_bytes(bits[lo:hi]).bit_count()
+        while first < end and first & 7:
+            bits[first >> 3] |= 1 << (first & 7)
+            first += 1
+        whole = end & ~7
+        if first < whole:
+            bits[first >> 3 : whole >> 3] = b"\xff" * ((whole - first) >> 3)
+            first = whole
+        while first < end:
+            bits[first >> 3] |= 1 << (first & 7)
+            first += 1
+        self.count += int.from_bytes(bits[lo:hi]).bit_count() - before
 
 
 def _key(page_no: int) -> tuple[Oid, int]:
@@ -179,7 +182,7 @@ class BlockDevice:
             self._fd = self._open_backing(self.backing_path, size)
         self._in_backing = _Bitmap(self.npages)
         # Pages holding data (in any tier), for NBD block status: clear bits are holes.
-        self._written = bytearray((self.npages + 7) // 8)
+        self._written = _Bitmap(self.npages)
         # Without a backing file, incompressible pages are kept raw (zram's huge pages).
         self.zcache = zcache or Zcache(
             memory,
@@ -295,7 +298,7 @@ class BlockDevice:
         return ZERO_PAGE
 
     def _write_page(self, n: int, page: bytes) -> None:
-        self._written[n >> 3] |= 1 << (n & 7)
+        self._written.add(n)
         result = self.zcache.put_status(self.pool, (n >> OBJ_SHIFT, 0, 0), n & OBJ_MASK, page)
         if result is PutResult.STORED:
             self.counters.ram_stores += 1
@@ -322,18 +325,18 @@ class BlockDevice:
                 os.pwrite(self._fd, page, n * PAGE_SIZE)
             except OSError as exc:
                 self.counters.enospc += 1
-                self._written[n >> 3] &= ~(1 << (n & 7)) & 0xFF  # old copy is gone too
+                self._written.discard(n)  # old copy is gone too
                 err = errno.ENOSPC if exc.errno in (errno.ENOSPC, errno.EDQUOT) else errno.EIO
                 raise BlockDeviceError(err, f"backing file write failed: {exc}") from exc
             self._in_backing.add(n)
             self.counters.backing_stores += 1
             return
         self.counters.enospc += 1
-        self._written[n >> 3] &= ~(1 << (n & 7)) & 0xFF  # old copy is gone too
+        self._written.discard(n)  # old copy is gone too
         raise BlockDeviceError(errno.ENOSPC, "out of memory and no backing file")
 
     def _discard_page(self, n: int) -> None:
-        self._written[n >> 3] &= ~(1 << (n & 7)) & 0xFF
+        self._written.discard(n)
         oid, index = _key(n)
         self.zcache.flush_page(self.pool, oid, index)
         if self._fd is not None and n in self._in_backing:
@@ -450,7 +453,7 @@ class BlockDevice:
             # payload (no copy); a refused page takes the slow path and the run goes on.
             first = offset >> PAGE_SHIFT
             end = first + (len(data) >> PAGE_SHIFT)
-            _set_bits(self._written, first, end)
+            self._written.add_range(first, end)
             in_backing = self._in_backing
             if in_backing.count:
                 # Older copies in the file are stale from now on. Cleared before storing:
@@ -503,7 +506,7 @@ class BlockDevice:
         self._check(offset, length, errno.EINVAL)
         if length == 0:
             return []
-        written = self._written
+        written = self._written.bits  # read bit by bit below: no call per page
         first = offset >> PAGE_SHIFT
         end = min((offset + length - 1 >> PAGE_SHIFT) + 1, first + STATUS_PAGES)
         out: list[tuple[int, int]] = []
