@@ -23,7 +23,6 @@ load, the CPU cost per page much less. Not a timed test; run it by hand:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -40,16 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 sys.path.insert(0, str(SRC))
 
-from tmem.corpus import write_real_image  # noqa: E402
+from tmem.corpus import sha256_file, write_real_image  # noqa: E402
 from tmem.sizes import format_size, parse_size  # noqa: E402
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def wait_for(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
@@ -188,7 +179,7 @@ def throughput(args: argparse.Namespace, tmp: Path, image: Path, digest: str) ->
                 r = timed(["nbdcopy", *copy_opts(args), uri, str(out)])
                 keep(kind, "read_MBps", size / r / 1e6)
                 charge(kind, "read_MBps", srv.cpu() - c1, size // 4096)
-                ok[kind] = ok.get(kind, True) and sha256(out) == digest
+                ok[kind] = ok.get(kind, True) and sha256_file(out) == digest
                 out.unlink()
         for _ in range(args.repeat):
             for kind in kinds:
@@ -226,7 +217,7 @@ def writeback_run(args: argparse.Namespace, tmp: Path, image: Path, digest: str)
         st = srv.stats()
         out = tmp / "wb-out.img"
         subprocess.run(["nbdcopy", *copy_opts(args), srv.uri, str(out)], check=True)
-        ok = sha256(out) == digest
+        ok = sha256_file(out) == digest
         out.unlink()
     finally:
         rc = srv.stop()

@@ -18,8 +18,8 @@ from test_nbd_server_harness import (
     real_data_image,
     run,
     serve_factory,
-    sha256_file,
 )
+from tmem.corpus import sha256_file
 
 pytestmark = pytest.mark.clients
 MiB = 1 << 20

@@ -5,7 +5,6 @@ No tests here; the other test_nbd_server*/test_nbd_clients* modules import it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -118,14 +117,6 @@ def serve_factory(tmp_path: Path) -> Iterator[Any]:
 
 
 real_data_image = write_real_image  # the image the client tests copy in and out
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def run(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -279,6 +279,15 @@ def describe_source(source: str) -> str:
     return str(Path(source))
 
 
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB pieces (to compare with write_real_image's)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_real_image(path: Path, size: int) -> str:
     """Write ``size`` bytes of real file contents (from /usr) to ``path``; return sha256.
 
