@@ -261,6 +261,8 @@ class PageEngine:
         while self.zc.frames_free < frames:
             errors = self.peer_errors
             if await self.remotify_once(max(self.batch, frames)) == 0:
+                # A peer that failed mid-send (e.g. just died) changed the live set:
+                # try again with the peers that are left.
                 if self.peer_errors != errors and retries < 5:
                     retries += 1
                     await asyncio.sleep(0.01 * retries)
@@ -291,27 +293,12 @@ class PageEngine:
         put of the same handle to the same peer).
         """
         self._persistent(pool_id)
-        held = False
-        retries = 0
         while True:
             status = self.zc.put_status(pool_id, oid, index, page)
             if status is PutResult.STORED:
                 return True
-            if status is not PutResult.NO_MEMORY:
-                return False
-            if not held:
-                held = True
-                self.c.writes_held += 1
-            errors = self.peer_errors
-            moved = await self.remotify_once(self.batch)
-            if moved == 0:
-                if self.peer_errors != errors and retries < 5:
-                    # A peer failed mid-send (e.g. just died): the live set changed,
-                    # try again with the peers that are left.
-                    retries += 1
-                    await asyncio.sleep(0.01 * retries)
-                    continue
-                self.c.writes_failed_nomem += 1
+            # NO_MEMORY means no frame was free: make_room(1) remotifies until one is.
+            if status is not PutResult.NO_MEMORY or not await self.make_room(1):
                 return False
 
     async def get(
