@@ -54,7 +54,8 @@ def test_gather_reads_every_kind_of_page(anon_pages: list[bytes]) -> None:
     spans += [0, -1]  # missing: zeros
     out = _lz4pages.gather(arena, spans)
     assert isinstance(out, bytearray)
-    want = b"".join(compressible) + anon_pages[10] + (0xFFEE_DDCC_BBAA_9988).to_bytes(8, "little") * 512
+    pattern = (0xFFEE_DDCC_BBAA_9988).to_bytes(8, "little") * 512
+    want = b"".join(compressible) + anon_pages[10] + pattern
     assert out == want + bytes(PAGE)
     assert _lz4pages.gather(arena, []) == bytearray()
 
