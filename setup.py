@@ -24,6 +24,8 @@ COMPILED = [
     "src/tmem/zbud.py",
     "src/tmem/zcache.py",
     "src/tmem/nbd/protocol.py",
+    "src/tmem/nbd/blockdev.py",
+    "src/tmem/ramster/export.py",
     "src/tmem/ramster/wire.py",
     "src/tmem/ramster/fastpath.py",
 ]
