@@ -449,6 +449,20 @@ def one(c: Client, data: bytes) -> Request | RequestRejected:
     return ev
 
 
+def test_a_request_is_a_value_and_its_repr_leaves_out_the_payload() -> None:
+    c = connected()
+    w = one(c, request(WRITE, 9, 4096, 8, FUA, b"secret!!"))
+    assert isinstance(w, Request)
+    same = Request(Command.WRITE, w.flags, 9, 4096, 8, b"secret!!")
+    assert w == same and hash(w) == hash(same)
+    assert w != Request(Command.WRITE, w.flags, 10, 4096, 8, b"secret!!")
+    assert w != (Command.WRITE, w.flags, 9, 4096, 8, b"secret!!")
+    assert "secret" not in repr(w) and "cookie=9" in repr(w)
+    if hasattr(Request, "__mypyc_attrs__"):
+        with pytest.raises(AttributeError):  # compiled: Final attributes are read-only
+            w.cookie = 1  # type: ignore[misc]
+
+
 def test_write_then_read_simple_replies() -> None:
     c = connected()
     w = one(c, request(WRITE, 0xDEADBEEFCAFE, 4096, 8, FUA, b"12345678"))

@@ -76,7 +76,7 @@ import enum
 import errno as _errno
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Final, TypeAlias
 
 from tmem.errors import ConfigError, TmemError
@@ -435,16 +435,49 @@ class ExportSelected:
     meta_context: bool = False
 
 
-@dataclass(frozen=True, slots=True)
 class Request:
-    """A validated transmission request. ``payload`` is the data of a WRITE, else None."""
+    """A validated transmission request. ``payload`` is the data of a WRITE, else None.
 
-    command: Command
-    flags: CmdFlag
-    cookie: int
-    offset: int
-    length: int
-    payload: bytes | None = field(default=None, repr=False)
+    Immutable like the other events (``Final`` attributes: mypy rejects assignment and
+    the compiled build refuses it at run time), but a plain class rather than a frozen
+    dataclass: one is built per request, and compiled this costs 0.2 us where the frozen
+    dataclass's ``object.__setattr__`` calls cost 0.8-1.5 us.
+    """
+
+    __slots__ = ("command", "cookie", "flags", "length", "offset", "payload")
+
+    def __init__(
+        self,
+        command: Command,
+        flags: CmdFlag,
+        cookie: int,
+        offset: int,
+        length: int,
+        payload: bytes | None = None,
+    ) -> None:
+        self.command: Final = command
+        self.flags: Final = flags
+        self.cookie: Final = cookie
+        self.offset: Final = offset
+        self.length: Final = length
+        self.payload: Final = payload
+
+    def _key(self) -> tuple[Command, CmdFlag, int, int, int, bytes | None]:
+        return (self.command, self.flags, self.cookie, self.offset, self.length, self.payload)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not Request:
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:  # the payload left out, as a dataclass field(repr=False)
+        return (
+            f"Request(command={self.command!r}, flags={self.flags!r}, cookie={self.cookie!r},"
+            f" offset={self.offset!r}, length={self.length!r})"
+        )
 
     @property
     def kind(self) -> Command:
