@@ -169,6 +169,26 @@ def test_put_run_and_read_run(anon_pages: list[bytes], compressor: str) -> None:
         assert zc.read_run(pool, (7, 0, 0), 0, 0) == (b"", [])
 
 
+def test_staged_runs_on_consecutive_and_scattered_free_frames(anon_pages: list[bytes]) -> None:
+    """stage_run copies a run of consecutive free frames in one go and scattered ones
+    page by page: both must land every page where its handle says."""
+    zc = Zcache("2MiB", compress_behind=True, prefault=False)
+    pool = zc.new_pool(persistent=True)
+    pages = anon_pages[:40]
+    assert zc.put_run(pool, (1, 0, 0), 0, b"".join(pages)) == 40  # a fresh arena
+    for i in range(0, 40, 3):  # free every third frame: the stack is scattered now
+        zc.flush_page(pool, (1, 0, 0), i)
+    assert zc.put_run(pool, (2, 0, 0), 0, b"".join(pages[10:20])) == 10
+    got, missing = zc.read_run(pool, (2, 0, 0), 0, 10)
+    assert missing == [] and got == b"".join(pages[10:20])
+    assert zc.staged_pages == 40 - 14 + 10
+    zc.compact(1000)
+    for i in range(40):
+        want = None if i % 3 == 0 else pages[i]
+        assert zc.get(pool, (1, 0, 0), i) == want
+    assert zc.read_run(pool, (2, 0, 0), 0, 10) == (b"".join(pages[10:20]), [])
+
+
 def test_put_run_stops_at_a_refused_page() -> None:
     zc = Zcache("1MiB", prefault=False)  # no huge pages: noise is refused
     pool = zc.new_pool(persistent=True)

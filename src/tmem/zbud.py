@@ -55,6 +55,10 @@ F_USED: Final = 1
 F_ZOMBIE: Final = 2
 F_HUGE: Final = 4  # one raw (uncompressed) page fills the whole frame; handle kept aside
 F_STAGED: Final = 8  # with F_HUGE: a raw page not compressed yet (zcache's compress-behind)
+# One-element columns that stage_run repeats to fill a run of frames.
+_STAGED_FLAGS: Final = array("B", [F_USED | F_HUGE | F_STAGED])
+_PERS_CLS: Final = array("B", [PERS])
+_FULL_SIZE: Final = array("H", [PAGE_SIZE])
 
 _FRAME_MASK: Final = (1 << 32) - 1
 _NO_FRAMES: array[int] = array("i")
@@ -346,12 +350,24 @@ class Zbud:
         """
         flags, cls, size0, arena = self.flags, self.cls, self.size0, self.arena
         # Take the frames off the top of the stack in one slice (pop() parses arguments
-        # on every call); the top one first, as pop() would.
+        # on every call), in ascending order: the stack often holds consecutive frames
+        # (a fresh arena, or a staged run compacted and freed), and then the whole run
+        # is one memcpy and three column fills instead of a loop over pages.
         top = len(free_frames) - count
         frames = free_frames[top:].tolist()
-        frames.reverse()
+        frames.sort()
         del free_frames[top:]
-        for i in range(count):
+        first = frames[0] if count else 0
+        if count > 1 and frames[count - 1] - first == count - 1:
+            end = first + count
+            arena[first * PAGE_SIZE : end * PAGE_SIZE] = pages[: count * PAGE_SIZE]
+            flags[first:end] = _STAGED_FLAGS * count
+            cls[first:end] = _PERS_CLS * count
+            size0[first:end] = _FULL_SIZE * count
+            done = count
+        else:
+            done = 0
+        for i in range(done, count):
             frame = frames[i]
             flags[frame] = F_USED | F_HUGE | F_STAGED
             cls[frame] = PERS
