@@ -272,3 +272,25 @@ def test_ramster_free_paths_do_not_load_cluster_code() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_stats_steps_match_stats_and_let_changes_in_between(anon_pages: list[bytes]) -> None:
+    """A server walks the maps in steps (a /stats scrape must not stall clients): the
+    result equals stats(), and the maps may change between steps."""
+    zc = Zcache(memory="4MiB", huge_pages=True)  # incompressible pages kept raw too
+    pool = zc.new_pool(persistent=True)
+    for n in range(600):  # 600 objects of sparse pages, some same-filled
+        page = anon_pages[n % len(anon_pages)] if n % 5 else bytes(PAGE)
+        assert zc.put(pool, (n, 0, 0), 1000 + n, page)
+    steps = list(zc.stats_steps(pages_per_step=100))
+    assert len(steps) == 7 and all(s is None for s in steps[:-1])
+    assert steps[-1] == zc.stats()
+    assert zc.stats()["metadata_bytes"] == zc.metadata_bytes()
+    walk = zc.stats_steps(pages_per_step=50)
+    assert next(walk) is None
+    for n in range(600):  # flush everything mid-walk: no error, a stale but sane total
+        zc.flush_object(pool, (n, 0, 0))
+    *_steps, final = walk
+    assert final is not None and final["stored_pages"] == 0
+    assert final["obj_count"] == 600  # counted when the walk started
+    assert zc.stats()["obj_count"] == 0

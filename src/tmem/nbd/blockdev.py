@@ -43,7 +43,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -684,14 +684,15 @@ class BlockDevice:
             pos = nxt
 
     # -------------------------------------------------------------------- stats
-    def stats(self) -> dict[str, Any]:
-        """Counters of every tier plus the zcache's own, for /stats and /metrics."""
+    def stats(self, zcache_stats: Mapping[str, int | float] | None = None) -> dict[str, Any]:
+        """Counters of every tier, for /stats and /metrics; ``zcache_stats``: the
+        zcache's stats if the caller has them already (they cost a walk of every page)."""
         out: dict[str, Any] = {f"blockdev_{k}": v for k, v in asdict(self.counters).items()}
         out["blockdev_size_bytes"] = self.size
         out["blockdev_backing_pages"] = self._in_backing.count
         # Current pages per tier (zcache is dedicated to this device, so its persistent
         # counts are ours; the ephemeral pool is the cleancache of backing-file pages).
-        zs = self.zcache.stats()
+        zs = self.zcache.stats() if zcache_stats is None else zcache_stats
         out["blockdev_ram_pages"] = int(zs.get("pers_zpages", 0))
         out["blockdev_huge_pages"] = int(zs.get("huge_pages", 0))
         out["blockdev_staged_pages"] = int(zs.get("staged_pages", 0))  # raw, compressed later
