@@ -294,3 +294,32 @@ def test_stats_steps_match_stats_and_let_changes_in_between(anon_pages: list[byt
     assert final is not None and final["stored_pages"] == 0
     assert final["obj_count"] == 600  # counted when the walk started
     assert zc.stats()["obj_count"] == 0
+
+
+def test_run_in_steps_lets_other_tasks_run_between_steps(anon_pages: list[bytes]) -> None:
+    import asyncio
+
+    from tmem.aio import run_in_steps
+
+    zc = Zcache(memory="1MiB")
+    pool = zc.new_pool(persistent=True)
+    for n in range(40):
+        zc.put(pool, (n, 0, 0), 0, bytes([n]) * PAGE)
+    ticks: list[int] = []
+
+    async def main() -> dict[str, int | float]:
+        async def ticker() -> None:
+            while True:
+                ticks.append(1)
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        stats = await run_in_steps(zc.stats_steps(pages_per_step=4))
+        task.cancel()
+        return stats
+
+    stats = asyncio.run(main())
+    assert stats == zc.stats() and len(ticks) >= 10  # the ticker ran between the 10 steps
+    with pytest.raises(ValueError, match="without a result"):
+        asyncio.run(run_in_steps(iter([None, None])))

@@ -37,7 +37,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, cast
 
-from tmem.aio import loop_factory
+from tmem.aio import loop_factory, run_in_steps
 from tmem.errors import ConfigError, RemotePageError
 from tmem.nbd import protocol as proto
 from tmem.nbd.blockdev import CHUNK_PAGES, BlockDevice, BlockDeviceError
@@ -224,11 +224,7 @@ class NbdServer:
     async def asnapshot(self) -> Snapshot:
         """:meth:`snapshot` without stalling clients: zcache's walk over every page
         (~35 ms per million) runs in steps, the event loop serving requests between."""
-        steps = self.device.zcache.stats_steps(STATS_STEP_PAGES)
-        zcache = next(steps)
-        while zcache is None:
-            await asyncio.sleep(0)
-            zcache = next(steps)
+        zcache = await run_in_steps(self.device.zcache.stats_steps(STATS_STEP_PAGES))
         return {"zcache": zcache, "blockdev": self.device.stats(zcache), "server": self.stats()}
 
 

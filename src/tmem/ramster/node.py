@@ -31,7 +31,7 @@ from typing import Any
 
 import msgpack
 
-from tmem.aio import loop_factory
+from tmem.aio import loop_factory, run_in_steps
 from tmem.errors import ConfigError, TmemError
 from tmem.zcache import Oid, Zcache
 
@@ -278,8 +278,10 @@ class Node:
         self.exports.append(export)
 
     # -------------------------------------------------------------- stats
-    def stats(self) -> dict[str, Any]:
-        s: dict[str, Any] = dict(self.zc.stats())
+    async def stats(self) -> dict[str, Any]:
+        """Zcache counters plus the node's; zcache's page walk runs in steps, so a scrape
+        of a node holding millions of pages does not stall its peers' requests."""
+        s: dict[str, Any] = dict(await run_in_steps(self.zc.stats_steps()))
         s.update(self._node_stats())
         return s
 
@@ -306,21 +308,20 @@ class Node:
         s["peers"] = peers
         return s
 
-    def stats_sections(self) -> dict[str, Any]:
+    async def stats_sections(self) -> dict[str, Any]:
         """``/stats`` JSON, in the sections ``tmem stats --url`` prints as tables."""
+        zcache = await run_in_steps(self.zc.stats_steps())
         ramster = self._node_stats()
         peers = {
             str(p["node"]): {k: v for k, v in p.items() if k != "node"}
             for p in ramster.pop("peers")
         }
-        return {"zcache": self.zc.stats(), "ramster": ramster, "peers": peers}
+        return {"zcache": zcache, "ramster": ramster, "peers": peers}
 
-    def metrics_text(self) -> bytes:
-        """Prometheus exposition of :meth:`stats` (counters, gauges, per-peer state)."""
+    def metrics_text(self, stats: dict[str, Any]) -> bytes:
+        """Prometheus exposition of :meth:`stats`' result (counters, gauges, peer state)."""
         from prometheus_client import CollectorRegistry, generate_latest
         from prometheus_client.core import GaugeMetricFamily
-
-        stats = self.stats()
 
         class _Collector:
             def collect(self) -> Any:
@@ -361,10 +362,10 @@ class Node:
             line = request.split(b"\r\n", 1)[0].split()
             path = line[1].split(b"?")[0] if len(line) >= 2 and line[0] == b"GET" else b""
             if path == b"/metrics":
-                body = self.metrics_text()
+                body = self.metrics_text(await self.stats())
                 head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
             elif path == b"/stats":
-                body = json.dumps(self.stats_sections(), default=str).encode()
+                body = json.dumps(await self.stats_sections(), default=str).encode()
                 head = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n"
             else:
                 body = b"not found\n"
@@ -424,7 +425,7 @@ class Node:
             (pool,) = args
             return eng.destroy_pool(pool)
         if op == "stats":
-            return self.stats()
+            return await self.stats()
         if op == "remotify":
             (limit,) = args
             return await eng.remotify_once(int(limit))
