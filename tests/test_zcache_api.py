@@ -95,6 +95,24 @@ def test_zero_and_same_filled_pages_use_no_frame() -> None:
     assert zc.stats()["zero_filled_pages"] == 0
 
 
+@pytest.mark.parametrize("behind", [False, True], ids=["at-put", "compress-behind"])
+def test_same_filled_pages_in_any_buffer_type_use_no_frame(behind: bool) -> None:
+    zc = Zcache(memory="1MiB", compress_behind=behind)
+    pool = zc.new_pool(persistent=True)
+    pattern = b"\x01\x02\x03\x04\x05\x06\x07\x08" * (PAGE // 8)
+    pages = [
+        memoryview(pattern),
+        bytearray(PAGE),
+        bytearray(pattern),
+        memoryview(bytearray(PAGE)),
+    ]
+    for i, page in enumerate(pages):
+        assert zc.put(pool, (0, 0, 0), i, page)
+    zc.compact(100)
+    assert zc.frames_used == 0 and zc.stats()["same_filled_pages"] == 4
+    assert [zc.get(pool, (0, 0, 0), i) for i in range(4)] == [pattern, bytes(PAGE)] * 2
+
+
 @pytest.mark.parametrize("name", ["lz4", "lzo", "zstd", "zstd-3"])
 def test_each_compressor_roundtrips(name: str, anon_pages: list[bytes]) -> None:
     zc = Zcache(memory="2MiB", compressor=name)

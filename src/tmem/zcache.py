@@ -442,8 +442,8 @@ class Zcache:
             ) from None
         clen = len(data)
         if clen <= SAME_FILLED_PROBE:
-            head = bytes(page[:8])
-            if head * (PAGE_SIZE // 8) == page:
+            head = _fill_pattern(page)
+            if head is not None:
                 self._put_same_filled(pool, oid, index, head)
                 return True
         if clen > PERS_MAX_MEAN_ZSIZE and self._rejects(persistent, clen):
@@ -654,8 +654,8 @@ class Zcache:
         clen = len(data)
         self.counters.compacted_pages += 1
         if clen <= SAME_FILLED_PROBE:
-            head = bytes(page[:8])
-            if head * (PAGE_SIZE // 8) == page:
+            head = _fill_pattern(page)
+            if head is not None:
                 self._put_same_filled(pool, oid, index, head)  # frees the raw frame
                 return
         if clen > PERS_MAX_MEAN_ZSIZE and self._rejects(True, clen):
@@ -1253,6 +1253,17 @@ class Zcache:
             }
         )
         return out
+
+
+def _fill_pattern(page: PageArg) -> bytes | None:
+    """The 8 bytes repeated over the whole page (zero pages: 8 zero bytes), or None.
+
+    Compared as bytes: ``==`` on a memoryview (the arena, a request payload) compares
+    item by item, 13 us a page against 0.6 us for the copy and a memcmp.
+    """
+    raw = page if type(page) is bytes else bytes(page)
+    head = raw[:8]
+    return head if head * (PAGE_SIZE // 8) == raw else None
 
 
 @dataclass
