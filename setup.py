@@ -25,6 +25,7 @@ COMPILED = [
     "src/tmem/zcache.py",
     "src/tmem/nbd/protocol.py",
     "src/tmem/nbd/blockdev.py",
+    "src/tmem/nbd/server.py",
     "src/tmem/ramster/export.py",
     "src/tmem/ramster/wire.py",
     "src/tmem/ramster/fastpath.py",

@@ -151,7 +151,9 @@ class NbdServer:
             server = await loop.create_server(
                 lambda: _NbdProtocol(self), address.host, address.port, reuse_address=True
             )
-            host, port = server.sockets[0].getsockname()[:2]
+            # cast: uvloop's Server.sockets is a list, typeshed says tuple, and compiled
+            # code checks the declared type
+            host, port = cast(Any, server).sockets[0].getsockname()[:2]
             bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._servers.append(server)
         return bound
