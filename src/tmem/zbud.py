@@ -351,8 +351,8 @@ class Zbud:
         flags, cls, size0, arena = self.flags, self.cls, self.size0, self.arena
         # Take the frames off the top of the stack in one slice (pop() parses arguments
         # on every call), in ascending order: the stack often holds consecutive frames
-        # (a fresh arena, or a staged run compacted and freed), and then the whole run
-        # is one memcpy and three column fills instead of a loop over pages.
+        # (a fresh arena; a staged run rewritten or flushed before it was compacted),
+        # and then the whole run is one memcpy and three column fills, not a loop.
         top = len(free_frames) - count
         frames = free_frames[top:].tolist()
         frames.sort()

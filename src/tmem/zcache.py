@@ -1112,10 +1112,13 @@ class Zcache:
         (small ints are cached by CPython and cost nothing). Walks every page (about
         35 ms per million pages).
         """
+        return self._walk_all().metadata_bytes
+
+    def _walk_all(self) -> _MapTotals:
         totals = _MapTotals()
         for _ in self._walk_maps(totals, 1 << 62):
             pass
-        return totals.metadata_bytes
+        return totals
 
     def _walk_maps(self, totals: _MapTotals, pages_per_step: int) -> Iterator[None]:
         """Add up the tmem maps' metadata bytes and radix nodes into ``totals``, yielding
@@ -1162,23 +1165,18 @@ class Zcache:
 
     def stats(self) -> dict[str, int | float]:
         """Every zcache and zbud counter (kernel debugfs names) plus a zram-style summary."""
-        totals = _MapTotals()
-        for _ in self._walk_maps(totals, 1 << 62):
-            pass
-        return self._stats(totals)
+        return self._stats(self._walk_all())
 
     def _stats(self, totals: _MapTotals) -> dict[str, int | float]:
         zb = self.zbud.counters
         zb[EPH].note_max()
         zb[PERS].note_max()
-        obj_count = totals.obj_count
-        objnode_count = totals.objnode_count
         eph_zpages = zb[EPH].zpages + self.same_filled[EPH]
         pers_zpages = zb[PERS].zpages + self.same_filled[PERS]
         out: dict[str, int | float] = {
             # zcache (section 4.11)
-            "obj_count": obj_count,
-            "objnode_count": objnode_count,
+            "obj_count": totals.obj_count,
+            "objnode_count": totals.objnode_count,
             "flush_total": self.counters.flush_total,
             "flush_found": self.counters.flush_found,
             "flobj_total": self.counters.flobj_total,
