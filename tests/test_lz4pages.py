@@ -77,3 +77,18 @@ def test_gather_refuses_bad_spans(spans: list[object]) -> None:
     arena = bytes(8100)
     with pytest.raises((ValueError, TypeError, OverflowError)):
         _lz4pages.gather(arena, spans)  # type: ignore[arg-type]
+
+
+def test_fills_finds_exactly_the_same_filled_pages(anon_pages: list[bytes]) -> None:
+    pattern = bytes(range(1, 9))
+    almost = bytearray(PAGE)
+    almost[PAGE - 1] = 1  # zero but for the last byte
+    shifted = b"\x01" + pattern * 511 + b"\x02" * 7  # 8-periodic from byte 1 only
+    pages = [anon_pages[0], bytes(PAGE), pattern * 512, bytes(almost), shifted, b"\xff" * PAGE]
+    found = _lz4pages.fills(memoryview(b"".join(pages)))
+    assert found == [1, 0, 2, int.from_bytes(pattern, "little"), 5, (1 << 64) - 1]
+    assert _lz4pages.fills(b"") == []
+    with pytest.raises(ValueError, match="whole 4096-byte pages"):
+        _lz4pages.fills(bytes(PAGE + 8))
+    with pytest.raises(TypeError):
+        _lz4pages.fills("not a buffer")

@@ -94,15 +94,24 @@ def test_rewrites_and_flushes_of_staged_pages(anon_pages: list[bytes]) -> None:
     assert zc.compact(10) == 0
 
 
-def test_same_filled_and_incompressible_staged_pages() -> None:
+@pytest.mark.parametrize("early", [True, False], ids=["found-staging", "found-compacting"])
+def test_same_filled_and_incompressible_staged_pages(
+    early: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tmem.zcache
+
+    if not early:  # as without the C helper: same-filled pages are staged, then found
+        monkeypatch.setattr(tmem.zcache, "find_fills", None)
+    elif tmem.zcache.find_fills is None:
+        pytest.skip("tmem._lz4pages not built")
     zc = Zcache("1MiB", compress_behind=True, prefault=False)
     pool = zc.new_pool(persistent=True)
     noise = os.urandom(PAGE)
     pattern = b"\x01\x02\x03\x04\x05\x06\x07\x08" * 512
     assert zc.put(pool, (1, 0, 0), 0, noise)
     assert zc.put(pool, (1, 0, 0), 1, pattern)
-    assert zc.frames_used == 2
-    assert zc.compact() == 2
+    assert zc.frames_used == (1 if early else 2)
+    assert zc.compact() == (1 if early else 2)
     stats = zc.stats()
     assert stats["huge_pages"] == 1  # accepted, so kept: raw
     assert stats["same_filled_pages"] == 1
@@ -235,3 +244,23 @@ def test_read_run_raises_for_a_remote_page(anon_pages: list[bytes]) -> None:
     zc.install_remote(pool, (0, 0, 0), 1, ("peer", 1))
     with pytest.raises(RemotePageError):
         zc.read_run(pool, (0, 0, 0), 0, 2)
+
+
+def test_same_filled_pages_in_a_run_are_stored_as_patterns(anon_pages: list[bytes]) -> None:
+    """Zero and other same-filled pages in a staged run: with the C helper they never take
+    a frame (found while staging), without it compaction finds them; same result."""
+    from tmem.compress import find_fills
+
+    zc = Zcache("2MiB", compress_behind=True, prefault=False)
+    pool = zc.new_pool(persistent=True)
+    fill = b"\x07" * PAGE
+    run = [bytes(PAGE), anon_pages[1], anon_pages[2], fill, anon_pages[3], bytes(PAGE)]
+    zc.put(pool, (3, 0, 0), 3, anon_pages[4])  # staged, then overwritten by a zero page
+    assert zc.put_run(pool, (3, 0, 0), 0, b"".join(run)) == 6
+    assert zc.put(pool, (3, 0, 0), 9, memoryview(fill))
+    if find_fills is not None:
+        assert zc.staged_pages == 3  # anon_pages[1..3]: the rest never took a frame
+    zc.compact(100)
+    assert zc.staged_pages == 0 and zc.stats()["same_filled_pages"] == 4
+    assert zc.read_run(pool, (3, 0, 0), 0, 6) == (b"".join(run), [])
+    assert zc.get(pool, (3, 0, 0), 9) == fill

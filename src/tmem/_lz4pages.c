@@ -12,6 +12,11 @@
  *                                      length 1..4095 = LZ4 block at arena[start:],
  *                                      4096 = raw page, 0 = the page is the 8-byte
  *                                      pattern ``start`` repeated, -1 = zeros.
+ *   fills(pages) -> list[int]          for a buffer of whole pages, [index, pattern, ...]
+ *                                      for each page that is one 8-byte value repeated
+ *                                      (pattern: those 8 bytes as a little-endian int;
+ *                                      zero pages: 0). A memcmp per page: ~free for
+ *                                      pages that are not.
  *
  * Every length and offset is checked: bad input raises, it never reads out of bounds.
  */
@@ -155,12 +160,58 @@ fail:
     return NULL;
 }
 
+static PyObject *
+pages_fills(PyObject *module, PyObject *arg)
+{
+    Py_buffer src;
+    PyObject *result = NULL;
+    Py_ssize_t i, count;
+
+    if (PyObject_GetBuffer(arg, &src, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (src.len % PAGE) {
+        PyErr_Format(PyExc_ValueError, "fills: whole %d-byte pages expected, got %zd bytes",
+                     PAGE, src.len);
+        goto done;
+    }
+    result = PyList_New(0);
+    if (result == NULL)
+        goto done;
+    count = src.len / PAGE;
+    for (i = 0; i < count; i++) {
+        const unsigned char *page = (const unsigned char *)src.buf + i * PAGE;
+        uint64_t pattern = 0;
+        PyObject *index, *value;
+        int k, failed;
+        /* 8-periodic <=> one 8-byte value repeated; stops at the first difference */
+        if (memcmp(page, page + 8, PAGE - 8) != 0)
+            continue;
+        for (k = 7; k >= 0; k--)
+            pattern = pattern << 8 | page[k];
+        index = PyLong_FromSsize_t(i);
+        value = PyLong_FromUnsignedLongLong(pattern);
+        failed = index == NULL || value == NULL || PyList_Append(result, index) < 0 ||
+                 PyList_Append(result, value) < 0;
+        Py_XDECREF(index);
+        Py_XDECREF(value);
+        if (failed) {
+            Py_CLEAR(result);
+            goto done;
+        }
+    }
+done:
+    PyBuffer_Release(&src);
+    return result;
+}
+
 static PyMethodDef pages_methods[] = {
     {"compress", pages_compress, METH_O, "compress(page) -> bytes: a raw LZ4 block."},
     {"decompress", pages_decompress, METH_O,
      "decompress(block) -> bytes: the 4096-byte page (ValueError if corrupt)."},
     {"gather", (PyCFunction)(void (*)(void))pages_gather, METH_FASTCALL,
      "gather(arena, spans) -> bytearray: a run of pages out of the arena (see module doc)."},
+    {"fills", pages_fills, METH_O,
+     "fills(pages) -> list[int]: [index, pattern, ...] of the same-filled pages."},
     {NULL, NULL, 0, NULL},
 };
 

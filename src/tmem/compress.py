@@ -28,6 +28,13 @@ PAGE_SIZE: Final = 4096
 # What compressors take: a page as bytes or as a view of a caller's buffer (no copy).
 Buffer = bytes | bytearray | memoryview
 
+# find_fills(pages) -> [index, pattern, ...]: the pages of a buffer of whole pages that
+# are one 8-byte value repeated (see tmem._lz4pages.fills). None without the extension:
+# a Python scan would cost more than it saves, so callers then skip the early check.
+find_fills: Callable[[Buffer], list[int]] | None = (
+    _lz4pages.fills if _lz4pages is not None else None
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Compressor:

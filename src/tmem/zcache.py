@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from tmem.compress import PAGE_SIZE, Compressor, get_compressor
+from tmem.compress import PAGE_SIZE, Compressor, find_fills, get_compressor
 from tmem.errors import (
     ConfigError,
     InvalidHandleError,
@@ -442,9 +442,9 @@ class Zcache:
             ) from None
         clen = len(data)
         if clen <= SAME_FILLED_PROBE:
-            head = _fill_pattern(page)
-            if head is not None:
-                self._put_same_filled(pool, oid, index, head)
+            pattern = _fill_pattern(page)
+            if pattern is not None:
+                self._put_same_filled(pool, oid, index, pattern)
                 return True
         if clen > PERS_MAX_MEAN_ZSIZE and self._rejects(persistent, clen):
             if persistent and self.huge_pages:
@@ -528,8 +528,7 @@ class Zcache:
         if pages is not None and index in pages:
             self.tmem.flush_page(pool, oid, index)
 
-    def _put_same_filled(self, pool: Pool, oid: Oid, index: int, head: bytes) -> None:
-        pattern = int.from_bytes(head, "little")
+    def _put_same_filled(self, pool: Pool, oid: Oid, index: int, pattern: int) -> None:
         self.tmem.put(pool, oid, index, -1 - pattern)
         self.same_filled[pool.persistent] += 1
         self.counters.same_filled_pages_total += 1
@@ -553,8 +552,29 @@ class Zcache:
     # ---- compress-behind ---------------------------------------------------------------
 
     def _stage(self, pool: Pool, oid: Oid, index: int, pages: memoryview, count: int) -> None:
-        """Store ``count`` persistent pages raw in free frames; :meth:`compact` compresses
-        them. The caller checked the arguments and that enough frames are free."""
+        """Store ``count`` persistent pages raw in free frames, for :meth:`compact` to
+        compress; the caller checked the arguments and that enough frames are free.
+
+        Same-filled pages (zero pages above all) are stored as their pattern at once
+        when the C helper is there to find them for next to nothing: no frame, no
+        copy, nothing to compact later.
+        """
+        fills = find_fills(pages) if find_fills is not None else None
+        if not fills:
+            self._stage_raw(pool, oid, index, pages, count)
+            return
+        pos = 0
+        for j in range(0, len(fills), 2):
+            k = fills[j]
+            if k > pos:
+                run = pages[pos * PAGE_SIZE : k * PAGE_SIZE]
+                self._stage_raw(pool, oid, index + pos, run, k - pos)
+            self._put_same_filled(pool, oid, index + k, fills[j + 1])
+            pos = k + 1
+        if pos < count:
+            self._stage_raw(pool, oid, index + pos, pages[pos * PAGE_SIZE :], count - pos)
+
+    def _stage_raw(self, pool: Pool, oid: Oid, index: int, pages: memoryview, count: int) -> None:
         frames = self.zbud.stage_run(self._free_frames, pages, count)
         entries = pool.objects.get(oid)
         if entries is None:
@@ -654,9 +674,9 @@ class Zcache:
         clen = len(data)
         self.counters.compacted_pages += 1
         if clen <= SAME_FILLED_PROBE:
-            head = _fill_pattern(page)
-            if head is not None:
-                self._put_same_filled(pool, oid, index, head)  # frees the raw frame
+            pattern = _fill_pattern(page)
+            if pattern is not None:
+                self._put_same_filled(pool, oid, index, pattern)  # frees the raw frame
                 return
         if clen > PERS_MAX_MEAN_ZSIZE and self._rejects(True, clen):
             wb = self.writeback
@@ -1253,15 +1273,16 @@ class Zcache:
         return out
 
 
-def _fill_pattern(page: PageArg) -> bytes | None:
-    """The 8 bytes repeated over the whole page (zero pages: 8 zero bytes), or None.
+def _fill_pattern(page: PageArg) -> int | None:
+    """The 8 bytes repeated over the whole page as a little-endian int (zero pages: 0),
+    or None.
 
     Compared as bytes: ``==`` on a memoryview (the arena, a request payload) compares
     item by item, 13 us a page against 0.6 us for the copy and a memcmp.
     """
     raw = page if type(page) is bytes else bytes(page)
     head = raw[:8]
-    return head if head * (PAGE_SIZE // 8) == raw else None
+    return int.from_bytes(head, "little") if head * (PAGE_SIZE // 8) == raw else None
 
 
 @dataclass
