@@ -60,10 +60,10 @@ HANDSHAKE_TIMEOUT = 30.0
 UNIX_SNDBUF = 4 << 20
 # Compress-behind runs after this much quiet on every connection, COMPACT_BATCH pages
 # (a fraction of a millisecond) between looks at the clients; with nothing staged it
-# checks again every COMPACT_POLL seconds.
+# sleeps until a client sends something (or COMPACT_POLL seconds pass).
 COMPACT_QUIET = 0.002
 COMPACT_BATCH = 32
-COMPACT_POLL = 0.05
+COMPACT_POLL = 1.0
 # A /stats scrape walks the tmem maps this many pages at a time (~1 ms each), letting
 # clients' requests in between.
 STATS_STEP_PAGES = 32768
@@ -112,6 +112,7 @@ class NbdServer:
         self.tasks: set[asyncio.Task[None]] = set()  # every connection's, incl. closed ones
         self.started = time.monotonic()
         self.last_input = 0.0  # time.monotonic() of the latest bytes from any client
+        self.input_seen = asyncio.Event()  # set by every client input: wakes the compactor
         self._compactor: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ compress-behind
@@ -123,8 +124,10 @@ class NbdServer:
     async def _compact_behind(self) -> None:
         zc = self.device.zcache
         while True:
-            if not zc.staged_pages:
-                await asyncio.sleep(COMPACT_POLL)
+            if not zc.staged_pages:  # only client writes stage pages: wait for input
+                self.input_seen.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.input_seen.wait(), COMPACT_POLL)
                 continue
             wait = self.last_input + COMPACT_QUIET - time.monotonic()
             if wait > 0:  # clients are busy: they come first
@@ -303,7 +306,10 @@ class _NbdProtocol(asyncio.Protocol):
         self._pump()
 
     def data_received(self, data: bytes) -> None:
-        self.server.last_input = time.monotonic()
+        server = self.server
+        server.last_input = time.monotonic()
+        if not server.input_seen.is_set():
+            server.input_seen.set()
         if self._closing:
             return
         self._inbox.append(data)
