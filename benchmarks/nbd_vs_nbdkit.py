@@ -208,10 +208,14 @@ def throughput(args: argparse.Namespace, tmp: Path, image: Path, digest: str) ->
             for kind in kinds:
                 srv = servers[kind]
                 for what, write in (("write_iops", True), ("read_iops", False)):
+                    if srv.is_tmem:  # no compaction left over from the step before
+                        srv.settle()
                     c0 = srv.cpu()
                     keep(kind, what, qemu_bench(srv.uri, args.iops_count, write))
                     charge(kind, what, srv.cpu() - c0, args.iops_count)
                 if args.real_writes:
+                    if srv.is_tmem:
+                        srv.settle()
                     c0 = srv.cpu()
                     writes, iops = real_writes(srv.uri, image, args.iops_count)
                     keep(kind, "real_write_iops", iops)
