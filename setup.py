@@ -45,7 +45,8 @@ def has_lz4_header() -> bool:
 
 
 ext_modules = []
-if not os.environ.get("TMEM_PURE_PYTHON") and can_compile() and has_lz4_header():
+compiling = not os.environ.get("TMEM_PURE_PYTHON") and can_compile()
+if compiling and has_lz4_header():
     ext_modules.append(
         Extension(
             "tmem._lz4pages",
@@ -54,7 +55,7 @@ if not os.environ.get("TMEM_PURE_PYTHON") and can_compile() and has_lz4_header()
             extra_compile_args=["-O2"],
         )
     )
-if not os.environ.get("TMEM_PURE_PYTHON") and can_compile():
+if compiling:
     try:
         from mypyc.build import mypycify
     except ImportError:  # pragma: no cover - build without mypy: pure Python
