@@ -86,7 +86,7 @@ def test_address_parse() -> None:
         Address.parse("host:99999")
 
 
-def _source() -> dict[str, dict[str, int | float]]:
+def _snapshot() -> dict[str, dict[str, int | float]]:
     return {
         "zcache": {"frames_total": 16, "puts": 7},
         "blockdev": {"blockdev_read_bytes": 4096, "blockdev_backing_pages": 2},
@@ -95,7 +95,7 @@ def _source() -> dict[str, dict[str, int | float]]:
 
 
 def test_metrics_text_has_counters_and_gauges() -> None:
-    text = render_metrics(_source).decode()
+    text = render_metrics(_snapshot()).decode()
     assert "# TYPE tmem_blockdev_read_bytes_total counter" in text
     assert "tmem_blockdev_read_bytes_total 4096.0" in text
     assert "# TYPE tmem_blockdev_backing_pages gauge" in text
@@ -106,6 +106,6 @@ def test_metrics_text_has_counters_and_gauges() -> None:
 
 
 def test_stats_json_sections() -> None:
-    data = json.loads(render_json(_source))
+    data = json.loads(render_json(_snapshot()))
     assert data["blockdev"]["blockdev_read_bytes"] == 4096
     assert set(data) == {"zcache", "blockdev", "server"}

@@ -361,18 +361,24 @@ class Zcache:
             pool = self.tmem.find_pool(pool_id, client)
             if pool is None or self.tmem.lookup(pool, oid, index) != pampd:
                 continue
-            page = self._read(pampd)
-            if self.writeback.write_back(pool_id, oid, index, page):
-                self.tmem.remove(pool, oid, index)
-                self.counters.writtenback_pages += 1
+            if self._write_back(pool, oid, index, self._read(pampd)):
                 f = zbud.free(pampd)
                 if f >= 0:
                     emptied = f
-            else:
-                self.counters.writeback_failed += 1
         if emptied < 0:
             zbud.unzombify(frame)
         return emptied
+
+    def _write_back(self, pool: Pool, oid: Oid, index: int, page: bytes) -> bool:
+        """Hand one page to the writeback target and, if it took the page, drop the
+        tmem entry (the caller frees the zbud). False if the target refused it."""
+        assert self.writeback is not None
+        if not self.writeback.write_back(pool.pool_id, oid, index, page):
+            self.counters.writeback_failed += 1
+            return False
+        self.tmem.remove(pool, oid, index)
+        self.counters.writtenback_pages += 1
+        return True
 
     def _read(self, pampd: int) -> bytes:
         """The page behind a local pampd, decompressed."""
@@ -679,14 +685,13 @@ class Zcache:
                 self._put_same_filled(pool, oid, index, pattern)  # frees the raw frame
                 return
         if clen > PERS_MAX_MEAN_ZSIZE and self._rejects(True, clen):
-            wb = self.writeback
-            if not self.huge_pages and wb is not None:
-                if wb.write_back(pool.pool_id, oid, index, bytes(page)):
-                    self.tmem.remove(pool, oid, index)
-                    self.counters.writtenback_pages += 1
-                    self._free_frames.append(zbud.free(pampd))
-                    return
-                self.counters.writeback_failed += 1
+            if (
+                not self.huge_pages
+                and self.writeback is not None
+                and self._write_back(pool, oid, index, bytes(page))
+            ):
+                self._free_frames.append(zbud.free(pampd))
+                return
             zbud.unstage(frame, handle)  # accepted pages are kept: raw, as a huge page
             self.counters.huge_pages_stored += 1
             return

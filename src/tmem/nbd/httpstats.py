@@ -28,8 +28,7 @@ from prometheus_client.registry import Collector
 log = logging.getLogger(__name__)
 
 Snapshot = Mapping[str, Mapping[str, int | float]]
-StatsSource = Callable[[], Snapshot]
-AsyncStatsSource = Callable[[], Awaitable[Snapshot]]
+StatsSource = Callable[[], Awaitable[Snapshot]]
 
 MAX_REQUEST_HEAD = 8192
 # blockdev_* and server_* names are counters except these levels. zcache's own names
@@ -49,13 +48,13 @@ _GAUGE_NAMES = {
 
 
 class TmemCollector(Collector):
-    """Exports a stats snapshot taken at scrape time (custom collector, no state)."""
+    """Exports one stats snapshot, taken at scrape time (custom collector)."""
 
-    def __init__(self, source: StatsSource) -> None:
-        self._source = source
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        for section, values in self._source().items():
+        for section, values in self._snapshot.items():
             for name, value in sorted(values.items()):
                 if isinstance(value, bool) or not isinstance(value, int | float):
                     continue
@@ -70,20 +69,20 @@ class TmemCollector(Collector):
                     yield CounterMetricFamily(metric_name.removesuffix("_total"), doc, value=value)
 
 
-def render_metrics(source: StatsSource) -> bytes:
+def render_metrics(snapshot: Snapshot) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(TmemCollector(source))
+    registry.register(TmemCollector(snapshot))
     return generate_latest(registry)
 
 
-def render_json(source: StatsSource) -> bytes:
-    return json.dumps({k: dict(v) for k, v in source().items()}, indent=1, sort_keys=True).encode()
+def render_json(snapshot: Snapshot) -> bytes:
+    return json.dumps({k: dict(v) for k, v in snapshot.items()}, indent=1, sort_keys=True).encode()
 
 
 class StatsServer:
     """A minimal HTTP/1.1 GET server for /metrics and /stats (one request per connection)."""
 
-    def __init__(self, source: AsyncStatsSource) -> None:
+    def __init__(self, source: StatsSource) -> None:
         self._source = source
         self._server: asyncio.Server | None = None
 
@@ -132,6 +131,6 @@ class StatsServer:
             return (
                 "200 OK",
                 "text/plain; version=0.0.4; charset=utf-8",
-                render_metrics(lambda: snapshot),
+                render_metrics(snapshot),
             )
-        return "200 OK", "application/json", render_json(lambda: snapshot)
+        return "200 OK", "application/json", render_json(snapshot)
