@@ -89,7 +89,11 @@ def test_address_parse() -> None:
 def _snapshot() -> dict[str, dict[str, int | float]]:
     return {
         "zcache": {"frames_total": 16, "puts": 7},
-        "blockdev": {"blockdev_read_bytes": 4096, "blockdev_backing_pages": 2},
+        "blockdev": {
+            "blockdev_read_bytes": 4096,
+            "blockdev_backing_pages": 2,
+            "blockdev_staged_pages": 5,
+        },
         "server": {"server_connections": 1, "server_bad_clients": 3},
     }
 
@@ -99,6 +103,7 @@ def test_metrics_text_has_counters_and_gauges() -> None:
     assert "# TYPE tmem_blockdev_read_bytes_total counter" in text
     assert "tmem_blockdev_read_bytes_total 4096.0" in text
     assert "# TYPE tmem_blockdev_backing_pages gauge" in text
+    assert "# TYPE tmem_blockdev_staged_pages gauge" in text  # falls as pages compact
     # zcache's names do not say counter or level: exported untyped
     assert "# TYPE tmem_zcache_frames_total untyped" in text
     assert "tmem_zcache_puts 7.0" in text

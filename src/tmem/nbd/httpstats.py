@@ -38,6 +38,7 @@ _GAUGE_NAMES = {
     "blockdev_backing_pages",
     "blockdev_ram_pages",
     "blockdev_huge_pages",
+    "blockdev_staged_pages",
     "blockdev_cleancache_pages",
     "blockdev_size_bytes",
     "server_connections",
