@@ -14,7 +14,6 @@ from functools import partial
 from typing import Final
 
 import lz4.block
-import lzo
 import zstandard
 
 from tmem.errors import ConfigError
@@ -62,6 +61,14 @@ def _lz4() -> Compressor:
 
 
 def _lzo() -> Compressor:
+    # python-lzo is an extra: it has no wheels and builds only against liblzo2-dev.
+    try:
+        import lzo
+    except ImportError:
+        raise ConfigError(
+            "the lzo compressor needs python-lzo: pip install 'tmem[lzo]' (builds against "
+            "liblzo2-dev); lz4 and zstd need nothing more"
+        ) from None
     compress = lzo.compress
     decompress = lzo.decompress
 
