@@ -7,6 +7,10 @@ same sources run unchanged as pure Python: set TMEM_PURE_PYTHON=1 to skip compil
 Where liblz4's header is installed (Debian: liblz4-dev), the small C extension
 tmem._lz4pages is built too: an LZ4 page codec without python-lz4's extra copies
 (see src/tmem/_lz4pages.c); without it tmem uses python-lz4, same format.
+
+Compiling is an optimisation, never a requirement: with no C compiler, no Python
+headers, no liblz4 header, or a compile that fails, the install goes on as pure Python
+and says so in one line on stderr (``pip install -v`` shows it).
 Everything else about the package lives in pyproject.toml.
 """
 
@@ -14,10 +18,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import sysconfig
 from pathlib import Path
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 COMPILED = [
     "src/tmem/tmem_core.py",
@@ -30,13 +36,21 @@ COMPILED = [
     "src/tmem/ramster/wire.py",
     "src/tmem/ramster/fastpath.py",
 ]
+LZ4_EXTENSION = "tmem._lz4pages"
 
 
-def can_compile() -> bool:
-    """A C compiler and Python's headers are present (else: install pure Python)."""
+def notice(message: str) -> None:
+    print(f"tmem: {message}", file=sys.stderr)
+
+
+def missing_build_tools() -> str | None:
+    """Why nothing can be compiled here, or None when a compiler and headers exist."""
     compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
-    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
-    return shutil.which(compiler) is not None and headers.exists()
+    if shutil.which(compiler) is None:
+        return f"no C compiler ({compiler})"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+        return "no Python headers (Debian: python3-dev)"
+    return None
 
 
 def has_lz4_header() -> bool:
@@ -44,27 +58,66 @@ def has_lz4_header() -> bool:
     return any((Path(d) / "lz4.h").exists() for d in dirs)
 
 
-ext_modules = []
-compiling = not os.environ.get("TMEM_PURE_PYTHON") and can_compile()
-if compiling and has_lz4_header():
-    ext_modules.append(
-        Extension(
-            "tmem._lz4pages",
-            ["src/tmem/_lz4pages.c"],
-            libraries=["lz4"],
-            extra_compile_args=["-O2"],
-        )
-    )
-if compiling:
+def mypyc_extensions() -> list[Extension]:
     try:
         from mypyc.build import mypycify
-    except ImportError:  # pragma: no cover - build without mypy: pure Python
-        pass
-    else:
-        # Type-check only what is compiled, against the build requirements alone: the
-        # modules it imports but does not compile (aio, httpstats) may use runtime
-        # dependencies (uvloop, prometheus-client) that pip's isolated build lacks.
-        build_flags = ["--follow-imports=silent", "--ignore-missing-imports"]
-        ext_modules += mypycify(build_flags + COMPILED, opt_level="3")
+    except ImportError:  # pragma: no cover - a build without its build requirements
+        notice("mypyc is not importable; installing pure Python")
+        return []
+    # Type-check only what is compiled, against the build requirements alone: the
+    # modules it imports but does not compile (aio, httpstats) may use runtime
+    # dependencies (uvloop, prometheus-client) that pip's isolated build lacks.
+    build_flags = ["--follow-imports=silent", "--ignore-missing-imports"]
+    try:
+        return list(mypycify(build_flags + COMPILED, opt_level="3"))
+    except SystemExit as exc:  # mypyc reports type errors by exiting
+        notice(f"mypyc could not compile ({exc}); installing pure Python")
+        return []
 
-setup(ext_modules=ext_modules)
+
+class OptionalBuildExt(build_ext):
+    """Builds the extensions, falling back to pure Python when a compile fails."""
+
+    def build_extension(self, ext: Extension) -> None:
+        if ext.name != LZ4_EXTENSION:
+            super().build_extension(ext)
+            return
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: use python-lz4
+            notice(f"{LZ4_EXTENSION} did not compile ({exc}); using python-lz4")
+            self._remove_output(ext)
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: pure Python
+            notice(f"compiling failed ({exc}); installing pure Python")
+            for ext in self.extensions:
+                self._remove_output(ext)
+
+    def _remove_output(self, ext: Extension) -> None:
+        Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
+
+
+# Only a build compiles: pip also runs this file for metadata and the sdist, where
+# mypyc's type check and C generation would be a minute of work thrown away.
+BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"}
+ext_modules: list[Extension] = []
+if not BUILD_COMMANDS.intersection(sys.argv[1:]):
+    pass
+elif os.environ.get("TMEM_PURE_PYTHON"):
+    notice("TMEM_PURE_PYTHON is set; installing pure Python")
+elif (why := missing_build_tools()) is not None:
+    notice(f"{why}; installing pure Python (slower, same behaviour)")
+else:
+    if has_lz4_header():
+        ext_modules.append(
+            Extension(LZ4_EXTENSION, ["src/tmem/_lz4pages.c"], libraries=["lz4"],
+                      extra_compile_args=["-O2"])
+        )
+    else:
+        notice("no lz4.h (Debian: liblz4-dev); using python-lz4 for the page codec")
+    ext_modules += mypyc_extensions()
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": OptionalBuildExt})

@@ -98,7 +98,11 @@ def test_rewrites_and_flushes_of_staged_pages(anon_pages: list[bytes]) -> None:
     assert zc.compact(10) == 0
 
 
-@pytest.mark.parametrize("early", [True, False], ids=["found-staging", "found-compacting"])
+@pytest.mark.parametrize(
+    "early",
+    [pytest.param(True, marks=pytest.mark.extension), False],
+    ids=["found-staging", "found-compacting"],
+)
 def test_same_filled_and_incompressible_staged_pages(
     early: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
