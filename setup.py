@@ -84,14 +84,14 @@ class OptionalBuildExt(build_ext):
             return
         try:
             super().build_extension(ext)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure: use python-lz4
+        except Exception as exc:  # any compiler failure: use python-lz4
             notice(f"{LZ4_EXTENSION} did not compile ({exc}); using python-lz4")
             self._remove_output(ext)
 
     def run(self) -> None:
         try:
             super().run()
-        except Exception as exc:  # noqa: BLE001 - any compiler failure: pure Python
+        except Exception as exc:  # any compiler failure: pure Python
             notice(f"compiling failed ({exc}); installing pure Python")
             for ext in self.extensions:
                 self._remove_output(ext)
@@ -113,8 +113,12 @@ elif (why := missing_build_tools()) is not None:
 else:
     if has_lz4_header():
         ext_modules.append(
-            Extension(LZ4_EXTENSION, ["src/tmem/_lz4pages.c"], libraries=["lz4"],
-                      extra_compile_args=["-O2"])
+            Extension(
+                LZ4_EXTENSION,
+                ["src/tmem/_lz4pages.c"],
+                libraries=["lz4"],
+                extra_compile_args=["-O2"],
+            )
         )
     else:
         notice("no lz4.h (Debian: liblz4-dev); using python-lz4 for the page codec")
