@@ -57,7 +57,9 @@ def serve_options(func: F) -> F:
         click.option(
             "--memory", metavar="SIZE", help="RAM budget for compressed pages. Default 256MiB."
         ),
-        click.option("--compressor", metavar="NAME", help="lz4 (default), zstd, or lzo (the lzo extra)."),
+        click.option(
+            "--compressor", metavar="NAME", help="lz4 (default), zstd, or lzo (the lzo extra)."
+        ),
         click.option(
             "--backing",
             type=click.Path(dir_okay=False),
