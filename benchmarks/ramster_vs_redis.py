@@ -3,13 +3,17 @@
 Starts a real RAMster node process (``tmem cluster serve``) and a redis-server on
 free loopback ports.  The sending node runs in this process: the real
 :class:`~tmem.ramster.transport.Transport` with the HMAC handshake, sending
-PutBatch/GetBatch frames the way its remotify worker and remote gets do.  redis
-gets the *same* byte strings through redis-py pipelines of the same batch size.
-redis-py sends one pipeline at a time (one round trip per batch); RAMster is
-measured with one batch in flight (``ramster/1``, the like-for-like number) and
-with two (``ramster/2``: requests are cookie-matched, so a node may overlap
-them).  Rounds alternate redis and RAMster and the median is reported, since
-the machine may be shared.
+PutBatch/GetBatch frames the way its remotify worker and remote gets do.
+
+The baseline is redis with its own batch commands, given the *same* byte strings
+and the same batches: one ``MSET`` (put) or ``MGET`` (get) of ``--batch`` pages
+per RAMster PutBatch/GetBatch, not one SET/GET per page.  With N batches in flight
+(``/N``), RAMster has N requests outstanding on its connection and redis gets a
+pipeline of N MSET/MGET commands per round trip: the same number of batches in
+flight on both sides.  N = 1 and N = 2 are measured.  Each round runs redis/1,
+ramster/1, redis/2, ramster/2 back to back and the median of the rounds is
+reported, since the machine may be shared.  redis-py parses replies with hiredis
+when it is installed (the header says which).
 
 Two payloads are measured:
 * ``stored``: each page's stored form, lz4-compressed (what remotify sends);
@@ -19,7 +23,7 @@ Usage::
 
     python3 benchmarks/ramster_vs_redis.py [--pages 20000] [--batch 256] [--rounds 5]
 
-Prints pages/s for each and the ratio RAMster / redis (target >= 1.0), also per
+Prints pages/s for each and the ratio RAMster / redis at the same depth, also per
 round (paired: the median, worst: the lowest).
 """
 
@@ -31,6 +35,7 @@ import gc
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,6 +78,33 @@ def load_pages(n: int) -> list[bytes]:
     return [i.to_bytes(8, "little") + p[8:] for i, p in enumerate(out)]
 
 
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) process ``pid`` has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Meter:
+    """Wall time, this process's CPU (the client) and the server's CPU of one phase."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.pid = server_pid
+        self.t0 = time.perf_counter()
+        self.c0 = time.process_time()
+        self.s0 = proc_cpu(server_pid)
+
+    def stop(self, pages: int) -> tuple[float, float, float]:
+        """(pages/s, server CPU us/page, client CPU us/page)."""
+        wall = time.perf_counter() - self.t0
+        cli = time.process_time() - self.c0
+        srv = proc_cpu(self.pid) - self.s0
+        return pages / wall, srv / pages * 1e6, cli / pages * 1e6
+
+
+#: what each run returns, in order
+FIELDS = ("put", "get", "put_srv", "get_srv", "put_cli", "get_cli")
+
+
 class Sink:
     """The sender's RequestHandler: it serves nothing in this benchmark."""
 
@@ -96,8 +128,15 @@ class Sink:
 
 
 async def ramster_run(
-    cluster: Path, blobs: list[tuple[bytes, bool]], batch: int, pool: int, inflight: int = 1
-) -> tuple[float, float]:
+    cluster: Path,
+    blobs: list[tuple[bytes, bool]],
+    batch: int,
+    pool: int,
+    inflight: int,
+    node_pid: int,
+) -> tuple[float, ...]:
+    """Put then get ``blobs`` in PutBatch/GetBatch of ``batch`` pages, ``inflight`` requests
+    outstanding: the :data:`FIELDS`."""
     cfg = load_config(cluster)
     me = cfg.node("sender")
     t = Transport(cfg, me, Sink())
@@ -121,15 +160,15 @@ async def ramster_run(
             got = await t.get_pages(1, keys[i : i + batch], False)
             return sum(g is not None for g in got)
 
-        t0 = time.perf_counter()
+        m = Meter(node_pid)
         for w in range(0, len(starts), inflight):
             await asyncio.gather(*(put(i) for i in starts[w : w + inflight]))
-        put_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        put_m = m.stop(len(blobs))
+        m = Meter(node_pid)
         n = 0
         for w in range(0, len(starts), inflight):
             n += sum(await asyncio.gather(*(get(i) for i in starts[w : w + inflight])))
-        get_s = time.perf_counter() - t0
+        get_m = m.stop(len(blobs))
         if n != len(blobs):
             raise RuntimeError(f"node returned {n} of {len(blobs)} pages")
         # Spot-check contents (same-filled pages come back decompressed).
@@ -141,37 +180,52 @@ async def ramster_run(
             want = lz4.decompress(b[0]) if b[1] else b[0]
             assert page == want, "page mismatch"
         await t.flush_objects(1, [(pool, (1, 0, 0))])
-        return len(blobs) / put_s, len(blobs) / get_s
+        return put_m[0], get_m[0], put_m[1], get_m[1], put_m[2], get_m[2]
     finally:
         await t.stop()
 
 
-def redis_run(port: int, datas: list[bytes], batch: int, tag: str) -> tuple[float, float]:
+def redis_run(
+    port: int, datas: list[bytes], batch: int, tag: str, inflight: int, redis_pid: int
+) -> tuple[float, ...]:
+    """Put then get ``datas`` as MSET/MGET of ``batch`` pages, ``inflight`` commands per
+    round trip (a pipeline of them): the :data:`FIELDS`."""
     import redis
 
     r = redis.Redis(host="127.0.0.1", port=port)
     keys = [f"{tag}:1:0:0:{i}".encode() for i in range(len(datas))]
-    t0 = time.perf_counter()
-    for i in range(0, len(datas), batch):
+    starts = list(range(0, len(datas), batch))
+    r.ping()  # connect outside the clock, as RAMster's handshake is
+    m = Meter(redis_pid)
+    for w in range(0, len(starts), inflight):
         p = r.pipeline(transaction=False)
-        for j in range(i, min(i + batch, len(datas))):
-            p.set(keys[j], datas[j])
+        for i in starts[w : w + inflight]:
+            p.mset(dict(zip(keys[i : i + batch], datas[i : i + batch], strict=True)))
         p.execute()
-    put_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    put_m = m.stop(len(datas))
+    m = Meter(redis_pid)
     n = 0
-    for i in range(0, len(datas), batch):
+    for w in range(0, len(starts), inflight):
         p = r.pipeline(transaction=False)
-        for j in range(i, min(i + batch, len(datas))):
-            p.get(keys[j])
-        n += sum(v is not None for v in p.execute())
-    get_s = time.perf_counter() - t0
+        for i in starts[w : w + inflight]:
+            p.mget(keys[i : i + batch])
+        n += sum(v is not None for got in p.execute() for v in got)
+    get_m = m.stop(len(datas))
     if n != len(datas):
         raise RuntimeError(f"redis returned {n} of {len(datas)}")
-    assert r.get(keys[0]) == datas[0]
+    assert r.get(keys[0]) == datas[0] and r.get(keys[-1]) == datas[-1]
     r.flushall()
     r.close()
-    return len(datas) / put_s, len(datas) / get_s
+    return put_m[0], get_m[0], put_m[1], get_m[1], put_m[2], get_m[2]
+
+
+def hiredis_in_use() -> bool:
+    """Whether redis-py parses replies with hiredis (faster MGET replies)."""
+    try:
+        from redis.utils import HIREDIS_AVAILABLE
+    except ImportError:
+        return False
+    return bool(HIREDIS_AVAILABLE)
 
 
 def main() -> None:
@@ -197,7 +251,8 @@ def main() -> None:
     mean = sum(len(b) for b, _ in stored) / len(stored)
     print(
         f"{len(pages)} pages ({'corpus' if ALT_CORPUS.exists() else 'generated'}), "
-        f"batch {args.batch}, stored form mean {mean:.0f} B"
+        f"batch {args.batch}, stored form mean {mean:.0f} B; baseline redis-server "
+        f"MSET/MGET via redis-py (hiredis parser: {'yes' if hiredis_in_use() else 'no'})"
     )
 
     tmp = Path(tempfile.mkdtemp(prefix="ramster-bench-"))
@@ -260,35 +315,59 @@ def main() -> None:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
-        results: dict[str, list[tuple[float, ...]]] = {}
+        # per round and payload, per depth: redis FIELDS then RAMster FIELDS
+        results: dict[str, list[dict[tuple[str, int, str], float]]] = {}
         for rnd in range(args.rounds):
             for name, blobs in (("stored", stored), ("raw", raw)):
                 datas = [b for b, _ in blobs]
-                rd = redis_run(rport, datas, args.batch, f"{name}{rnd}")
+                row: dict[tuple[str, int, str], float] = {}
                 with asyncio.Runner(loop_factory=loop_factory()) as runner:
-                    r1 = runner.run(ramster_run(cluster, blobs, args.batch, pool=0, inflight=1))
-                    r2 = runner.run(ramster_run(cluster, blobs, args.batch, pool=1, inflight=2))
-                results.setdefault(name, []).append((*rd, *r1, *r2))
+                    for depth in (1, 2):
+                        rd = redis_run(
+                            rport, datas, args.batch, f"{name}{rnd}", depth, redis_proc.pid
+                        )
+                        rm = runner.run(
+                            ramster_run(cluster, blobs, args.batch, depth - 1, depth, node.pid)
+                        )
+                        for f, a, b in zip(FIELDS, rd, rm, strict=True):
+                            row[("redis", depth, f)] = a
+                            row[("ramster", depth, f)] = b
+                results.setdefault(name, []).append(row)
         print(
-            f"{'payload':8s} {'op':4s} {'redis p/s':>10s} {'ramster/1':>10s} {'ratio':>6s}"
-            f" {'paired':>7s} {'worst':>6s} {'ramster/2':>10s} {'ratio':>6s}"
+            f"{'payload':8s} {'op':4s} {'depth':>5s} {'redis p/s':>10s} {'ramster p/s':>11s}"
+            f" {'ratio':>6s} {'paired':>7s} {'worst':>6s} {'best':>6s}"
+            f" {'server CPU us/page':>20s} {'client CPU us/page':>20s}"
         )
+        print(f"{'':54s} {'redis':>9s} {'ramster':>10s} {'redis':>9s} {'ramster':>10s}")
         for name, rows in results.items():
-            # median of the rounds (the machine is shared; medians resist outliers)
-            med = [sorted(r[k] for r in rows)[len(rows) // 2] for k in range(6)]
-            for op, k in (("put", 0), ("get", 1)):
-                red, a1, a2 = med[k], med[2 + k], med[4 + k]
-                # per-round ratios: redis and RAMster of one round ran back to back
-                per = sorted(r[2 + k] / r[k] for r in rows)
-                print(
-                    f"{name:8s} {op:4s} {red:10.0f} {a1:10.0f} {a1 / red:5.2f}x"
-                    f" {per[len(per) // 2]:6.2f}x {per[0]:5.2f}x {a2:10.0f} {a2 / red:5.2f}x"
-                )
+
+            def med(
+                side: str, depth: int, f: str, rows: list[dict[tuple[str, int, str], float]] = rows
+            ) -> float:
+                """Median over the rounds (the machine is shared; medians resist outliers)."""
+                return float(statistics.median(r[(side, depth, f)] for r in rows))
+
+            for depth in (1, 2):
+                for op in ("put", "get"):
+                    red, ram = med("redis", depth, op), med("ramster", depth, op)
+                    # per-round ratios: redis and RAMster of one round ran back to back
+                    per = sorted(r[("ramster", depth, op)] / r[("redis", depth, op)] for r in rows)
+                    print(
+                        f"{name:8s} {op:4s} {depth:5d} {red:10.0f} {ram:11.0f} {ram / red:5.2f}x"
+                        f" {statistics.median(per):6.2f}x {per[0]:5.2f}x {per[-1]:5.2f}x"
+                        f" {med('redis', depth, op + '_srv'):9.2f}"
+                        f" {med('ramster', depth, op + '_srv'):10.2f}"
+                        f" {med('redis', depth, op + '_cli'):9.2f}"
+                        f" {med('ramster', depth, op + '_cli'):10.2f}"
+                    )
         print(
-            f"median of {args.rounds} rounds; redis-py pipelines of {args.batch}, one at a time;"
-            " ramster/N = N batches in flight on the one node connection;\n"
-            "ratio = median RAMster / median redis; paired = median and worst = lowest of the"
-            " per-round ratios of ramster/1 (each round runs redis, then RAMster)"
+            f"median of {args.rounds} rounds; batches of {args.batch} pages: redis MSET/MGET"
+            " (a pipeline of `depth` of them per round trip) vs RAMster PutBatch/GetBatch"
+            " (`depth` requests in flight on the one node connection);\n"
+            "ratio = median RAMster / median redis; paired = median, worst = lowest, best ="
+            " highest of the per-round ratios (each round runs redis, then RAMster, per depth);\n"
+            "server CPU = redis-server or the RAMster node process (/proc, all threads);"
+            " client CPU = this process (redis-py + hiredis, or the RAMster Transport)"
         )
     finally:
         node.terminate()

@@ -7,19 +7,34 @@ no allocator, so it is the cost floor of "compress and remember" in Python;
 zcache's numbers are only meaningful as ratios against it, measured on the same
 pages, in the same order, in the same process.
 
+Equal work on both sides. The dict keeps every page it is given; zcache refuses
+some (compressed too poorly for its class, or no room in the budget). A refused
+page does not vanish: the caller must keep it somewhere, so the zcache contender
+is zcache *plus* a caller-side ``dict[(oid, index)] -> raw page`` for what it
+refused. Every timed put and get is over the same ``n`` pages on both sides, a
+get of a refused page is served from that fallback, and density is
+
+    density = original bytes of ALL offered pages / bytes the contender holds
+
+where zcache holds its frames + its metadata + the fallback (4096 B per refused
+page + that dict's own bytes). A refused page is therefore counted against
+zcache (raw, ratio 1.0), never dropped from its side.
+
 Phases:
 
 * put-all / get-all: every page into a persistent pool (budget large enough
   unless ``memory`` says otherwise), then every page back; timed against the
-  dict, single-page API and, when the Zcache has ``put_many``/``get_many``,
-  the batch API. Pages read back are compared with the originals (untimed).
+  dict, interleaved chunk by chunk. Pages read back are compared with the
+  originals (untimed). There is no batch row: ``Zcache.put_many``/``get_many``
+  are loops over ``put``/``get`` and would only time the same work again.
 * density: a separate, untimed pass with ``tracemalloc`` running measures the
-  Python objects the store keeps alive (arena excluded: it is an mmap made
-  before tracing starts); RAM used = frames used * 4096 + those bytes. The
+  Python objects each store keeps alive (arena excluded: it is an mmap made
+  before tracing starts; zcache's frames used are charged at 4096 B each). The
   engine's own ``metadata_bytes`` estimate is reported next to it.
 * mixed: a third of the pages persistent, the rest ephemeral, through a budget
   of half the frames put-all needed, so ouroboros (reclaiming LRU ephemeral
-  frames) must run; persistent pages are then verified byte for byte.
+  frames) must run; persistent pages are then verified byte for byte. zcache
+  only (the dict has no budget to reclaim within).
 """
 
 from __future__ import annotations
@@ -43,6 +58,11 @@ Item = tuple[Oid, int, bytes]
 #: called as progress(phase_name, pages_done_in_this_step)
 Progress = Callable[[str, int], None]
 
+#: What the put/get rows count; put in the JSON report.
+THROUGHPUT_DEFINITION = (
+    "put and get pages/s count the same n pages on both sides; a page zcache refuses is "
+    "kept raw by the caller (put) and served from there (get), inside zcache's time"
+)
 #: timers for ``run_bench(clock=...)``
 CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.thread_time, "wall": time.perf_counter}
 CLOCK_NAMES = {"cpu": "thread CPU time", "wall": "wall clock"}
@@ -126,35 +146,55 @@ def baseline_for(compressor: str) -> Baseline:
 # ---- zcache loops ------------------------------------------------------------------
 
 
-def _zc_put(zc: Zcache, pool: int, items: Sequence[Item], fails: list[int]) -> None:
+def _zc_put(
+    zc: Zcache,
+    pool: int,
+    items: Sequence[Item],
+    fails: list[int],
+    fallback: dict[tuple[Oid, int], bytes],
+) -> None:
+    """Put every page; a refused one goes to the caller's raw ``fallback`` (timed too)."""
     put = zc.put
     bad = 0
     for oid, index, page in items:
         if not put(pool, oid, index, page):
+            fallback[(oid, index)] = page
             bad += 1
     fails[0] += bad
 
 
-def _zc_get(zc: Zcache, pool: int, items: Sequence[Item]) -> None:
+def _zc_get(
+    zc: Zcache, pool: int, items: Sequence[Item], fallback: dict[tuple[Oid, int], bytes]
+) -> None:
+    """Get every page back: from zcache, or from the fallback if zcache refused it."""
     get = zc.get
+    raw = fallback.get
     for oid, index, _page in items:
-        get(pool, oid, index)
+        if get(pool, oid, index) is None:
+            raw((oid, index))
 
 
-def _verify(zc: Zcache, pool: int, last: dict[tuple[Oid, int], bytes], fails: int) -> bool:
-    """Every handle gives back its page, or nothing; exactly ``fails`` give nothing.
+def _verify(
+    zc: Zcache,
+    pool: int,
+    last: dict[tuple[Oid, int], bytes],
+    fails: int,
+    fallback: dict[tuple[Oid, int], bytes],
+) -> bool:
+    """Every handle gives back its page, from zcache or from the fallback.
 
-    (``make_items`` never repeats a key, so each failed put is one missing page;
-    put and put_many see the same pages in the same order, so they fail alike.)
+    Exactly ``fails`` pages are missing from zcache, and they are the ones in the
+    fallback (``make_items`` never repeats a key, so each refused put is one page).
     """
     missing = 0
-    for (oid, index), page in last.items():
-        got = zc.get(pool, oid, index)
+    for key, page in last.items():
+        got = zc.get(pool, *key)
         if got is None:
             missing += 1
-        elif got != page:
+            got = fallback.get(key)
+        if got != page:
             return False
-    return missing == fails
+    return missing == fails == len(fallback)
 
 
 @dataclass
@@ -165,8 +205,6 @@ class RunResult:
     dict_get: float
     zc_put: float
     zc_get: float
-    zc_put_many: float | None
-    zc_get_many: float | None
     rejects: int
     verified: bool
 
@@ -182,62 +220,40 @@ def _one_repeat(
     progress: Progress | None,
     verify: bool,
     clock: Callable[[], float] = time.perf_counter,
-    batch: int = 256,
 ) -> tuple[RunResult, Zcache]:
     """One put-all + get-all, the contenders interleaved chunk by chunk.
 
     Each chunk of pages goes through every contender before the next chunk, the
     order rotating per chunk, so background load and CPU frequency changes hit
     all of them alike instead of whichever happened to run during a busy spell.
+    Both sides put and get the same ``len(items)`` pages; zcache's refused pages
+    are kept and served by its raw fallback, inside its timing.
     """
     n = len(items)
     base = baseline_for(compressor)
     store: dict[tuple[Oid, int], bytes] = {}
     zc = Zcache(memory=memory, compressor=compressor)
     pool = zc.new_pool(persistent=True)
-    has_batch = hasattr(zc, "put_many")
-    zb = Zcache(memory=memory, compressor=compressor) if has_batch else None
-    bpool = zb.new_pool(persistent=True) if zb is not None else -1
+    fallback: dict[tuple[Oid, int], bytes] = {}
     fails = [0]
-    secs: dict[str, float] = dict.fromkeys(
-        ("dict_put", "dict_get", "zc_put", "zc_get", "zc_put_many", "zc_get_many"), 0.0
-    )
+    secs: dict[str, float] = dict.fromkeys(("dict_put", "dict_get", "zc_put", "zc_get"), 0.0)
 
-    Step = Callable[[int, Sequence[Item]], object]  # (chunk number, chunk)
+    Step = Callable[[Sequence[Item]], object]
     put_steps: list[tuple[str, Step]] = [
-        ("dict_put", lambda _k, chunk: base.put(store, chunk)),
-        ("zc_put", lambda _k, chunk: _zc_put(zc, pool, chunk, fails)),
+        ("dict_put", lambda chunk: base.put(store, chunk)),
+        ("zc_put", lambda chunk: _zc_put(zc, pool, chunk, fails, fallback)),
     ]
     get_steps: list[tuple[str, Step]] = [
-        ("dict_get", lambda _k, chunk: base.get(store, chunk)),
-        ("zc_get", lambda _k, chunk: _zc_get(zc, pool, chunk)),
+        ("dict_get", lambda chunk: base.get(store, chunk)),
+        ("zc_get", lambda chunk: _zc_get(zc, pool, chunk, fallback)),
     ]
-    if zb is not None:
-        # Batches of ``batch`` pages (an NBD request's worth), cut outside the clock.
-        item_batches = [
-            [chunk[j : j + batch] for j in range(0, len(chunk), batch)] for chunk in _chunks(items)
-        ]
-
-        def put_many(k: int, _chunk: Sequence[Item]) -> None:
-            for b in item_batches[k]:
-                zb.put_many(bpool, b)
-
-        put_steps.append(("zc_put_many", put_many))
-        if hasattr(zb, "get_many"):
-            key_batches = [[[(o, i) for o, i, _p in b] for b in bs] for bs in item_batches]
-
-            def get_many(k: int, _chunk: Sequence[Item]) -> None:
-                for keys in key_batches[k]:
-                    zb.get_many(bpool, keys)
-
-            get_steps.append(("zc_get_many", get_many))
     gc.collect()
     for phase, steps in (("put", put_steps), ("get", get_steps)):
         for k, chunk in enumerate(_chunks(items)):
             shift = k % len(steps)
             for name, body in steps[shift:] + steps[:shift]:
                 t0 = clock()
-                body(k, chunk)
+                body(chunk)
                 secs[name] += clock() - t0
             if progress is not None:
                 progress(f"{phase} (interleaved)", len(chunk) * len(steps))
@@ -246,33 +262,40 @@ def _one_repeat(
         # The last write to each handle wins; every store must give that page back.
         last: dict[tuple[Oid, int], bytes] = {(o, i): p for o, i, p in items}
         ok = all(base.decompress(store[key]) == p for key, p in last.items())
-        # A rejected put leaves nothing; anything returned must be the very page.
-        ok = ok and _verify(zc, pool, last, fails[0])
-        if zb is not None:
-            ok = ok and _verify(zb, bpool, last, fails[0])
-    has_get_many = zb is not None and hasattr(zb, "get_many")
+        ok = ok and _verify(zc, pool, last, fails[0], fallback)
     result = RunResult(
         dict_put=_rate(n, secs["dict_put"]),
         dict_get=_rate(n, secs["dict_get"]),
         zc_put=_rate(n, secs["zc_put"]),
         zc_get=_rate(n, secs["zc_get"]),
-        zc_put_many=_rate(n, secs["zc_put_many"]) if zb is not None else None,
-        zc_get_many=_rate(n, secs["zc_get_many"]) if has_get_many else None,
         rejects=fails[0],
         verified=ok,
     )
     return result, zc
 
 
+#: How density is defined; printed with the table and put in the JSON report.
+DENSITY_DEFINITION = (
+    "density = original bytes of ALL offered pages / bytes the contender holds for them. "
+    "zcache holds its frames used (4096 B each) + its Python metadata + every page it "
+    "refused, kept raw by the caller (4096 B each + that fallback dict's bytes); the dict "
+    "holds its compressed bytes objects + the dict. Both measured with tracemalloc."
+)
+
+
 def measure_density(
     items: Sequence[Item], memory: int, compressor: str, progress: Progress | None
 ) -> dict[str, Any]:
-    """Untimed pass under tracemalloc: bytes of Python objects each store keeps alive.
+    """Untimed pass under tracemalloc: bytes each contender holds for ALL offered pages.
 
-    Keys are built inside the traced region, as a real caller would hand in fresh
-    tuples, so a store that keeps the caller's oid tuple pays for it.
+    See :data:`DENSITY_DEFINITION`: a page zcache refuses is charged to zcache as a
+    raw page the caller keeps (4096 B plus its fallback dict entry), so density
+    compares the same page set on both sides. Keys are built inside the traced
+    region, as a real caller would hand in fresh tuples, so a store that keeps the
+    caller's oid tuple pays for it.
     """
     n = len(items)
+    offered = n * PAGE_SIZE
     pages = [p for _o, _i, p in items]
     out: dict[str, Any] = {}
 
@@ -280,32 +303,51 @@ def measure_density(
     zc = Zcache(memory=memory, compressor=compressor)  # arena mapped before tracing
     pool = zc.new_pool(persistent=True)
     zc.compressor.compress(pages[0])  # codec contexts allocate their workspace lazily
+    refused = bytearray(n)  # allocated before tracing: marking a page allocates nothing
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     put = zc.put
     for start in range(0, n, _CHUNK):
         for i in range(start, min(n, start + _CHUNK)):
-            put(pool, (i & 0xFF, 0, 0), i >> _SWIZ, pages[i])
+            if not put(pool, (i & 0xFF, 0, 0), i >> _SWIZ, pages[i]):
+                refused[i] = 1
         if progress is not None:
             progress("density (tracemalloc)", min(_CHUNK, n - start))
     zc_traced = tracemalloc.get_traced_memory()[0] - base
+    # The caller's fallback for refused pages, traced on its own. The page objects
+    # already exist (not traced), so their 4096 B each are added explicitly below.
+    base = tracemalloc.get_traced_memory()[0]
+    fallback: dict[tuple[Oid, int], bytes] = {}
+    for i in range(n):
+        if refused[i]:
+            fallback[((i & 0xFF, 0, 0), i >> _SWIZ)] = pages[i]
+    fallback_traced = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
     stats = zc.stats()
     stored = int(stats.get("stored_pages", 0))
+    n_refused = len(fallback)
     frames = zc.frames_total - zc.frames_free
     ram = frames * PAGE_SIZE + zc_traced
+    refused_bytes = n_refused * PAGE_SIZE + fallback_traced
+    held = ram + refused_bytes
+    out["definition"] = DENSITY_DEFINITION
     out["zcache"] = {
+        "offered_pages": n,
+        "offered_bytes": offered,
         "stored_pages": stored,
-        "orig_bytes": stored * PAGE_SIZE,
+        "refused_pages": n_refused,
         "frames_used": frames,
         "metadata_bytes_tracemalloc": zc_traced,
         "metadata_bytes_engine": stats.get("metadata_bytes"),
         "metadata_per_page": zc_traced / stored if stored else 0.0,
         "ram_used": ram,
-        "density": stored * PAGE_SIZE / ram if ram else 0.0,
+        "refused_raw_bytes": refused_bytes,
+        "held_bytes": held,
+        "density": offered / held if held else 0.0,
+        "density_zcache_only": stored * PAGE_SIZE / ram if ram else 0.0,
         "metadata_source": "tracemalloc (Python objects allocated by puts; arena excluded)",
     }
-    del zc, stats
+    del zc, stats, fallback
 
     gc.collect()
     compress = baseline_for(compressor).compress
@@ -319,11 +361,15 @@ def measure_density(
     tracemalloc.stop()
     payload = sum(len(v) for v in store.values())
     out["dict"] = {
+        "offered_pages": n,
+        "offered_bytes": offered,
         "stored_pages": len(store),
+        "refused_pages": n - len(store),
         "ram_used": dict_traced,
+        "held_bytes": dict_traced,
         "compressed_bytes": payload,
         "overhead_per_page": (dict_traced - payload) / len(store) if store else 0.0,
-        "density": len(store) * PAGE_SIZE / dict_traced if dict_traced else 0.0,
+        "density": offered / dict_traced if dict_traced else 0.0,
     }
     del store
     return out
@@ -415,7 +461,6 @@ class BenchReport:
     repeat: int
     memory: int
     clock: str = "cpu"
-    batch: int = 256
     runs: list[RunResult] = field(default_factory=list)
     density: dict[str, Any] = field(default_factory=dict)
     mixed: dict[str, Any] = field(default_factory=dict)
@@ -461,16 +506,7 @@ class BenchReport:
                 "ratio": self._ratio("zc_get", "dict_get"),
                 "zcache_us_per_page": us(zc_get),
             },
-            "put_many": {
-                "batch": self.batch,
-                "zcache_pages_per_s": self._median("zc_put_many"),
-                "ratio": self._ratio("zc_put_many", "dict_put"),
-            },
-            "get_many": {
-                "batch": self.batch,
-                "zcache_pages_per_s": self._median("zc_get_many"),
-                "ratio": self._ratio("zc_get_many", "dict_get"),
-            },
+            "same_pages": THROUGHPUT_DEFINITION,
             "rejects": self.runs[0].rejects if self.runs else 0,
             "rejects_poor_compression": int(
                 self.zcache_stats.get("compress_poor", 0)
@@ -515,13 +551,9 @@ def _warm_up(items: Sequence[Item], compressor: str) -> None:
     base.get(store, items)
     zc = Zcache(memory=(len(items) + 16) * PAGE_SIZE, compressor=compressor)
     pool = zc.new_pool(persistent=True)
-    _zc_put(zc, pool, items, [0])
-    _zc_get(zc, pool, items)
-    if hasattr(zc, "put_many"):
-        batch = zc.new_pool(persistent=True)
-        zc.put_many(batch, items)
-        if hasattr(zc, "get_many"):
-            zc.get_many(batch, [(o, i) for o, i, _p in items])
+    fallback: dict[tuple[Oid, int], bytes] = {}
+    _zc_put(zc, pool, items, [0], fallback)
+    _zc_get(zc, pool, items, fallback)
 
 
 def run_bench(
@@ -543,7 +575,9 @@ def run_bench(
 
     ``clock="cpu"`` times with this thread's CPU time, so time the scheduler gives
     to other processes on a shared machine is charged to nobody; ``"wall"`` uses
-    the wall clock. Both contenders always use the same clock.
+    the wall clock. Both contenders always use the same clock. ``batch`` is
+    accepted for compatibility and only checked: there is no batch phase, since
+    ``put_many``/``get_many`` are loops over ``put``/``get`` (see the module doc).
     """
     if not pages:
         raise ValueError("no pages to replay")
@@ -564,7 +598,6 @@ def run_bench(
         repeat=repeat,
         memory=budget,
         clock=clock,
-        batch=batch,
     )
     gc.collect()
     gc.freeze()  # the page corpus is immortal: keep it out of every GC pass
@@ -573,7 +606,7 @@ def run_bench(
         frames_used = 0
         for r in range(max(1, repeat)):
             result, zc = _one_repeat(
-                items, budget, compressor, progress, verify=(r == 0), clock=timer, batch=batch
+                items, budget, compressor, progress, verify=(r == 0), clock=timer
             )
             report.runs.append(result)
             if r == 0:
@@ -596,6 +629,4 @@ def run_bench(
 def phase_sizes(n: int, repeat: int, *, density: bool, mixed: bool) -> int:
     """Total progress steps ``run_bench`` reports, for a progress bar's total."""
     per_repeat = 4 * n
-    per_repeat += n if hasattr(Zcache, "put_many") else 0
-    per_repeat += n if hasattr(Zcache, "put_many") and hasattr(Zcache, "get_many") else 0
     return max(1, repeat) * per_repeat + (n if density else 0) + (2 * n if mixed else 0)

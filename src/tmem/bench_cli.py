@@ -62,62 +62,75 @@ def _fmt_ratio(value: float | None) -> str:
 
 
 def render(report: BenchReport, console: Console) -> None:
-    """Human tables for one bench report."""
+    """Human tables for one bench report; each says what it counts."""
     d = report.as_dict()
     console.print(
         f"[bold]tmem bench[/]  corpus={d['corpus']}  compressor={d['compressor']}  "
         f"pages={d['pages']:,} ({d['unique_pages']:,} distinct)  repeat={d['repeat']}  "
         f"budget={format_size(d['memory'])}  clock={d['clock']}  engine={d['engine']}"
     )
-    t = Table(title="throughput (pages/s, median)", title_justify="left")
+    base = f"naive dict+{d['compressor']}"
+    t = Table(
+        title=f"throughput (pages/s, median; the same {d['pages']:,} pages on both sides)",
+        title_justify="left",
+    )
     t.add_column("operation")
-    t.add_column("zcache", justify="right")
-    t.add_column(f"naive dict+{d['compressor']}", justify="right")
+    t.add_column("zcache (+ raw fallback)", justify="right")
+    t.add_column(base, justify="right")
     t.add_column("ratio", justify="right")
     t.add_column("zcache us/page", justify="right")
-    for name, key, base in (
-        ("put", "put", "put"),
-        ("get", "get", "get"),
-        (f"put_many (batch {d['put_many']['batch']})", "put_many", "put"),
-        (f"get_many (batch {d['get_many']['batch']})", "get_many", "get"),
-    ):
+    for key in ("put", "get"):
         row = d[key]
         rate = row["zcache_pages_per_s"]
         t.add_row(
-            name,
+            key,
             _fmt_rate(rate),
-            _fmt_rate(d[base]["dict_pages_per_s"]),
+            _fmt_rate(row["dict_pages_per_s"]),
             _fmt_ratio(row["ratio"]),
             "-" if not rate else f"{1e6 / rate:.2f}",
         )
     console.print(t)
+    console.print(f"  ({d['same_pages']}; no batch rows: put_many/get_many are loops of put/get)")
     dens = d["density"]
     if dens:
         z, n = dens["zcache"], dens["dict"]
-        t2 = Table(title="density (after put-all)", title_justify="left")
+        t2 = Table(title="density (after put-all, all offered pages)", title_justify="left")
         t2.add_column("")
-        t2.add_column("zcache", justify="right")
-        t2.add_column(f"naive dict+{d['compressor']}", justify="right")
-        t2.add_row("pages stored", f"{z['stored_pages']:,}", f"{n['stored_pages']:,}")
+        t2.add_column("zcache (+ raw fallback)", justify="right")
+        t2.add_column(base, justify="right")
+        t2.add_row("pages offered", f"{z['offered_pages']:,}", f"{n['offered_pages']:,}")
         t2.add_row(
-            "original bytes", format_size(z["orig_bytes"]), format_size(n["stored_pages"] * 4096)
+            "original bytes offered",
+            format_size(z["offered_bytes"]),
+            format_size(n["offered_bytes"]),
+        )
+        t2.add_row("pages held in the store", f"{z['stored_pages']:,}", f"{n['stored_pages']:,}")
+        t2.add_row(
+            "pages refused (kept raw by the caller)",
+            f"{z['refused_pages']:,}",
+            f"{n['refused_pages']:,}",
         )
         t2.add_row(
-            "RAM used (data + metadata)", format_size(z["ram_used"]), format_size(n["ram_used"])
+            "store RAM (data + metadata)", format_size(z["ram_used"]), format_size(n["ram_used"])
         )
-        t2.add_row("density (orig / RAM)", f"{z['density']:.3f}", f"{n['density']:.3f}")
+        t2.add_row("refused pages, raw", format_size(z["refused_raw_bytes"]), format_size(0))
+        t2.add_row("bytes held", format_size(z["held_bytes"]), format_size(n["held_bytes"]))
+        t2.add_row("density (offered / held)", f"{z['density']:.3f}", f"{n['density']:.3f}")
         t2.add_row(
-            "metadata bytes/page (tracemalloc)",
+            "metadata bytes/stored page (tracemalloc)",
             f"{z['metadata_per_page']:.1f}",
             f"{n['overhead_per_page']:.1f}",
         )
         engine = z.get("metadata_bytes_engine")
         if engine is not None and z["stored_pages"]:
-            t2.add_row("metadata bytes/page (engine)", f"{engine / z['stored_pages']:.1f}", "")
+            t2.add_row(
+                "metadata bytes/stored page (engine)", f"{engine / z['stored_pages']:.1f}", ""
+            )
         t2.add_row("frames used", f"{z['frames_used']:,}", "")
         console.print(t2)
+        console.print(f"  ({dens['definition']})")
     console.print(
-        f"rejects (put returned False): {d['rejects']:,} "
+        f"refused by zcache (put returned False): {d['rejects']:,} "
         f"(poor compression {d['rejects_poor_compression']:,}, "
         f"no memory {d['rejects_no_memory']:,})    "
         f"read-back verified: {'yes' if d['verified'] else '[red]NO[/]'}"
@@ -125,7 +138,7 @@ def render(report: BenchReport, console: Console) -> None:
     mixed = d["mixed"]
     if mixed:
         t3 = Table(
-            title=f"mixed eph/pers, budget {format_size(mixed['memory'])} (ouroboros)",
+            title=f"mixed eph/pers, budget {format_size(mixed['memory'])} (ouroboros; zcache only)",
             title_justify="left",
         )
         t3.add_column("counter")
@@ -178,7 +191,8 @@ def render(report: BenchReport, console: Console) -> None:
     type=click.IntRange(1, 1 << 20),
     default=256,
     show_default=True,
-    help="Pages per put_many/get_many call.",
+    help="Accepted for old command lines; unused: put_many/get_many are loops over "
+    "put/get, so there is no batch row.",
 )
 @click.option(
     "--clock",
@@ -203,8 +217,9 @@ def bench(
 ) -> None:
     """Replay real pages through zcache and a naive dict of compressed pages, same run.
 
-    Reports put/get pages/s and their ratios to the dict (single-page and batch
-    API), density including metadata, rejects and ouroboros evictions.
+    Both sides get the same pages: put/get pages/s and their ratios to the dict,
+    density (original bytes of ALL offered pages / bytes held, a page zcache
+    refuses counted as kept raw by the caller), refusals and ouroboros evictions.
     """
     try:
         page_list = load_pages(corpus)
