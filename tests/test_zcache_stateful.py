@@ -222,7 +222,11 @@ class ZcacheMachine(RuleBasedStateMachine):
         zb = zc.zbud.counters
         held = zc.zbud.frames_held()
         for cls in (EPH, PERS):  # the counters agree with the frame table, class by class
-            assert zb[cls].pageframes == sum(1 for f in held if zc.zbud.cls[f] == cls)
+            kinds = [kind for f, kind in held.items() if zc.zbud.cls[f] == cls]
+            assert zb[cls].pageframes == len(kinds)
+            assert zb[cls].buddied_count == kinds.count("buddied")
+            assert zb[cls].unbuddied_count == kinds.count("unbuddied")
+            assert zb[cls].zombie_count == kinds.count("zombie") == 0  # all unzombified
         local = sum(zc.lookup(self.pers, *k) is not None for k in self.pers_model)
         assert local == zc.pool_pages(self.pers)  # zcache holds no page the model lacks
         assert stats["pers_zpages"] == local
@@ -232,7 +236,6 @@ class ZcacheMachine(RuleBasedStateMachine):
         assert stats["eph_zpages"] <= len(self.eph_model)
         assert zb[EPH].pageframes + zb[PERS].pageframes == zc.frames_used
         assert zb[PERS].zpages <= 2 * zb[PERS].pageframes
-        assert zb[EPH].buddied_count >= 0 and zb[EPH].unbuddied_count >= 0
         stored_pages = sum(len(p) for pool in zc.tmem.pools() for p in pool.objects.values())
         assert stored_pages == stats["stored_pages"]
         staged = sum(1 for f in range(zc.frames_total) if zc.zbud.flags[f] & F_STAGED)
