@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 from pathlib import Path
 
 from tmem.nbd import server as srv
@@ -92,18 +93,31 @@ def test_client_not_reading_replies_is_paused(tmp_path: Path) -> None:
         path = str(tmp_path / "s.sock")
         await server.listen(Address(path=path))
         reader, writer = await _handshake(path)
+        (conn,) = server._conns
+        buffered = 0  # the most reply data the server held at any sample
+
+        async def watch() -> None:
+            nonlocal buffered
+            while True:
+                out = conn.transport.get_write_buffer_size() if conn.transport else 0
+                buffered = max(buffered, conn.held + out)
+                await asyncio.sleep(0.001)
+
+        watcher = asyncio.create_task(watch())
         n = 12  # 384 MiB of replies requested
         for i in range(n):
             writer.write(_req(0, i, (i % 2) * 32 * MiB, 32 * MiB))
         await writer.drain()
-        await asyncio.sleep(1.0)  # let the server run into the limit
-        (conn,) = server._conns
+        deadline = time.monotonic() + 60  # the server runs into the limit
+        while not server.counters.pauses:
+            assert time.monotonic() < deadline, "reading from the client never paused"
+            await asyncio.sleep(0.01)
         pauses = server.counters.pauses
-        buffered = conn.held + (conn.transport.get_write_buffer_size() if conn.transport else 0)
         for _ in range(n):
             _m, err, _cookie = struct.unpack(">IIQ", await reader.readexactly(16))
             assert err == 0
             assert await reader.readexactly(32 * MiB) == bytes(32 * MiB)
+        watcher.cancel()
         writer.close()
         await server.shutdown(grace=0.1)
         return pauses, buffered

@@ -82,12 +82,15 @@ def test_small_node_stores_4x_its_budget_across_the_cluster(tmp_path: Path) -> N
             s1 = c.call("stats")
             assert s1["pers_pages_remoted"] >= 2 * budget_pages  # most of it is remote now
             assert s1["writes_failed_nomem"] == 0
-            assert s1["frames_free"] >= 0
+            # every page is held once: in local RAM (zombies included) or on the peers
+            assert s1["pers_zpages"] + s1["remote_pers_pages"] == len(pages)
+            remote_before = s1["remote_pers_pages"]
             got = c.call("get_many", pool, [(OID, j) for j in range(len(pages))])
             assert [g == p for g, p in zip(got, pages, strict=True)].count(False) == 0
             s1 = c.call("stats")
             remote = s1["remote_pers_pages"]
-            assert remote > 0 and s1["remote_pers_pages_succ_get"] > 0
+            # each page that was remote came back from a peer (a get leaves it there)
+            assert remote > 0 and s1["remote_pers_pages_succ_get"] >= remote_before
             # replicas = 2: every remote page has a copy on n2 AND on n3.
             f2, f3 = n2.call("stats"), n3.call("stats")
             assert f2["foreign_pers_pages"] == f3["foreign_pers_pages"] == remote
@@ -206,11 +209,13 @@ def test_kill_9_one_node_under_load_loses_no_persistent_page(tmp_path: Path) -> 
         declared = _down_since(n1.call("stats"), "n2") - killed_at
         for t in threads:
             t.join(300)
-        time.sleep(0.5)  # let the reader run on after the writers finished
+        # the reader runs on after the writers finished: more rounds of 16 checked reads
+        after = len(reads)
+        wait_for(lambda: len(reads) >= after + 5 or bool(errors), timeout=60, interval=0.01)
         stop.set()
         reader.join(60)
         assert not errors, errors
-        assert sum(reads) > 0
+        assert len(reads) >= after + 5
         down_after = time.monotonic() - killed_at
         assert 0 < declared <= TIMING["dead_after"] + 1.5
         wait_for(lambda: peer_state(n3.call("stats"), "n2") == "down", timeout=60)
@@ -269,7 +274,9 @@ def test_node_with_wrong_secret_cannot_join(tmp_path: Path) -> None:
                 ),
                 timeout=15,
             )
-            time.sleep(1.0)
+            # the intruder dials again and is refused again; only then look at the state
+            refused = good[0].call("stats")["handshake_failures"]
+            wait_for(lambda: good[0].call("stats")["handshake_failures"] > refused, timeout=15)
             for n in good:
                 s = n.call("stats")
                 assert peer_state(s, "n3") == "unknown"

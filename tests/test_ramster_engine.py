@@ -87,6 +87,7 @@ def make(
 
 
 def pages(n: int, seed: int = 0) -> list[bytes]:
+    """Half-random pages: two never share a frame, so a node keeps one page a frame."""
     rng = random.Random(seed)
     return [rng.randbytes(2048) + bytes(2048) for _ in range(n)]
 
@@ -103,15 +104,15 @@ def test_full_node_holds_writes_and_remotifies_to_two_replicas() -> None:
         ps = pages(300)
         for i, p in enumerate(ps):
             assert await a.put(pool, OID, i, p)
-        assert a.c.writes_held > 0 and a.c.pers_pages_remoted > 0
-        assert (
-            b.stats()["foreign_pers_pages"]
-            == c.stats()["foreign_pers_pages"]
-            == a.c.remote_pers_pages
-        )
+        assert a.c.writes_held >= 1
+        # each page once, local or remote; 64 frames keep at most 64 of them
+        remote = a.c.remote_pers_pages
+        assert a.zc.stats()["pers_zpages"] + remote == len(ps)
+        assert remote >= len(ps) - a.zc.frames_total
+        assert b.stats()["foreign_pers_pages"] == c.stats()["foreign_pers_pages"] == remote
         for i, p in enumerate(ps):
             assert await a.get(pool, OID, i) == p
-        assert a.c.remote_pers_pages_succ_get > 0
+        assert a.c.remote_pers_pages_succ_get == remote  # one peer read per remote page
 
     run(main())
 
@@ -168,11 +169,13 @@ def test_node_death_rereplicates_and_loses_nothing() -> None:
         for i, p in enumerate(ps):
             assert await a.put(pool, OID, i, p)
         remote = a.c.remote_pers_pages
-        assert remote > 0
-        victim = max(peers, key=lambda e: e.stats()["foreign_pers_pages"]).node_number
+        assert remote >= len(ps) - a.zc.frames_total  # 64 frames, one page each
+        victim_engine = max(peers, key=lambda e: e.stats()["foreign_pers_pages"])
+        victim = victim_engine.node_number
+        on_victim = victim_engine.stats()["foreign_pers_pages"]
         f.down.add(victim)
         a.node_lost(victim, restarted=False)
-        assert len(a.under) > 0
+        assert len(a.under) == on_victim >= 1  # each page copied there lost a replica
         while a.under:
             assert await a.rereplicate() > 0
         assert a.c.pers_pages_lost == 0
@@ -255,13 +258,15 @@ def test_repatriation_pulls_remote_pages_home_when_memory_frees() -> None:
         for i, p in enumerate(keep):
             assert await a.put(pool, OID, i, p)
         remote_before = a.c.remote_pers_pages
-        assert remote_before > 0
+        assert remote_before >= len(keep) - a.zc.frames_total  # one page a frame
         local = [(pool, OID, i) for i in range(len(keep)) if (pool, OID, i) not in a.remote]
         for _pool, oid, index in local:  # free local memory
             assert a.flush_page(pool, oid, index)
         assert a.zc.frames_free > a.high_frames
         moved = await a.repatriate(limit=1000)
-        assert moved > 0 and a.c.pers_pages_repatriated == moved
+        assert moved >= 1 and a.c.pers_pages_repatriated == moved
+        # it stops when every page is home or memory is down to the high mark again
+        assert moved == remote_before or a.zc.frames_free <= a.high_frames
         assert a.c.remote_pers_pages == remote_before - moved
         await a.drain_flushes()
         assert b.stats()["foreign_pers_pages"] == a.c.remote_pers_pages
@@ -413,7 +418,7 @@ def test_front_end_hooks_make_room_and_fetch_remote() -> None:
         for i, p in enumerate(ps):
             assert await a.make_room(1)
             assert zc.put(pool, OID, i, p)
-        assert a.c.pers_pages_remoted > 0
+        assert a.c.pers_pages_remoted >= len(ps) - zc.frames_total  # one page a frame
         for i, p in enumerate(ps):
             try:
                 got = zc.get(pool, OID, i)

@@ -63,19 +63,27 @@ def test_failed_put_leaves_no_stale_copy(anon_pages: list[bytes]) -> None:
     assert zc.stats()["compress_poor"] == 1
 
 
-def test_failed_put_for_lack_of_memory_leaves_no_stale_copy(anon_pages: list[bytes]) -> None:
+def half_random(seed: int) -> bytes:
+    """2100 random bytes then zeros: compresses to a little over 2100 bytes, so two such
+    pages never share one 4096-byte frame (and none is rejected as incompressible)."""
+    return random.Random(seed).randbytes(2100) + bytes(PAGE - 2100)
+
+
+def test_failed_put_for_lack_of_memory_leaves_no_stale_copy() -> None:
     zc = Zcache(memory=2 * PAGE)
     pool = zc.new_pool(persistent=True)
-    accepted = [i for i in range(40) if zc.put(pool, (0, 0, 0), i, anon_pages[i])]
-    assert 2 <= len(accepted) <= 4
-    victim = accepted[0]
-    # the budget is full: a new version of an existing page cannot be stored...
-    status = zc.put_status(pool, (0, 0, 0), victim, anon_pages[100])
-    if status is not PutResult.STORED:
-        assert status is PutResult.NO_MEMORY
-        # ...and the old version must not be returned any more
-        assert zc.get(pool, (0, 0, 0), victim) is None
-    assert zc.frames_used <= 2
+    assert zc.put(pool, (0, 0, 0), 0, half_random(1))
+    assert zc.put(pool, (0, 0, 0), 1, half_random(2))
+    assert zc.frames_free == 0  # one frame each: the budget is full
+    # a new version of page 0 needs a frame of its own, and no frame can be reclaimed
+    # (no ephemeral pages, no writeback target) while the old version still holds one...
+    assert zc.put_status(pool, (0, 0, 0), 0, half_random(3)) is PutResult.NO_MEMORY
+    # ...so the put fails, and the old version must not be returned any more
+    assert zc.get(pool, (0, 0, 0), 0) is None
+    assert zc.get(pool, (0, 0, 0), 1) == half_random(2)
+    assert zc.stats()["failed_pers_puts"] == 1
+    assert zc.frames_free == 1  # the old version's frame came back
+    assert zc.check_frames() == []
 
 
 def test_zero_and_same_filled_pages_use_no_frame() -> None:

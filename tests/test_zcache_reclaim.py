@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tmem import RemotePageError, Zcache
+from tmem import PutResult, RemotePageError, Zcache
 from tmem.tmem_core import Oid
 from tmem.zbud import EPH
 
@@ -18,27 +18,42 @@ def test_ouroboros_persistent_outranks_ephemeral(
     zc = Zcache(memory=frames * PAGE)
     eph = zc.new_pool()
     pers = zc.new_pool(persistent=True)
-    for i, page in enumerate(file_pages[:400]):
-        zc.put(eph, (1, 0, 0), i, page)
+    accepted = sum(zc.put(eph, (1, 0, 0), i, page) for i, page in enumerate(file_pages[:400]))
     assert zc.frames_free == 0
-    assert zc.stats()["eph_ate_tail"] > 0  # ephemeral puts recycled their own LRU tail
+    stats = zc.stats()
+    # at most two zbuds a frame: the rest of the accepted pages were evicted, and counted
+    assert stats["zbud_eph_zpages"] <= 2 * frames < accepted
+    assert stats["eph_zpages"] + stats["evicted_eph_zpages"] == accepted
+    # ephemeral puts recycled their own LRU tail: every evicted frame went to one of them
+    assert stats["eph_ate_tail"] == stats["evicted_eph_pageframes"] >= 1
     stored = {i: p for i, p in enumerate(anon_pages[:200]) if zc.put(pers, (2, 0, 0), i, p)}
     stats = zc.stats()
-    assert stats["pers_ate_eph"] > 0
     assert len(stored) >= 100  # room was made by evicting cache pages
+    # no frame was free: each persistent frame is an ephemeral frame it ate
+    assert stats["pers_ate_eph"] == stats["zbud_pers_pageframes"]
+    # 200 pages outgrow 64 frames; a persistent put fails only once no ephemeral frame
+    # is left to eat
+    assert stats["pers_ate_eph_failed"] == stats["failed_pers_puts"] >= 1
+    assert stats["zbud_eph_pageframes"] == 0
     for i, page in stored.items():
         assert zc.get(pers, (2, 0, 0), i) == page
-    assert zc.frames_used <= frames
+    assert zc.check_frames() == []
 
 
 def test_persistent_puts_never_evict_persistent_data(anon_pages: list[bytes]) -> None:
     zc = Zcache(memory=32 * PAGE)
     pers = zc.new_pool(persistent=True)
-    stored = {i: p for i, p in enumerate(anon_pages[:300]) if zc.put(pers, (0, 0, 0), i, p)}
-    assert zc.stats()["failed_pers_puts"] > 0
-    assert zc.stats()["pers_ate_eph_failed"] > 0
+    status = {i: zc.put_status(pers, (0, 0, 0), i, p) for i, p in enumerate(anon_pages[:300])}
+    stored = {i: anon_pages[i] for i, s in status.items() if s is PutResult.STORED}
+    no_memory = sum(s is PutResult.NO_MEMORY for s in status.values())
+    stats = zc.stats()
+    # 32 frames hold at most 64 zbuds: the other pages that compress were refused
+    assert len(stored) - stats["same_filled_pages"] <= 2 * 32
+    assert no_memory >= 1
+    assert stats["failed_pers_puts"] == stats["pers_ate_eph_failed"] == no_memory
     for i, page in stored.items():
         assert zc.get(pers, (0, 0, 0), i) == page
+    assert zc.check_frames() == []
 
 
 def test_evicts_least_recently_used_ephemeral_frame() -> None:
@@ -97,8 +112,13 @@ def test_writeback_moves_lru_persistent_pages_out(anon_pages: list[bytes]) -> No
 def test_failed_writeback_keeps_pages(anon_pages: list[bytes]) -> None:
     zc = Zcache(memory=8 * PAGE, writeback=DictBacking(fail=True))
     pers = zc.new_pool(persistent=True)
-    stored = {i: p for i, p in enumerate(anon_pages[:100]) if zc.put(pers, (0, 0, 0), i, p)}
-    assert zc.stats()["writeback_failed"] > 0
+    status = {i: zc.put_status(pers, (0, 0, 0), i, p) for i, p in enumerate(anon_pages[:100])}
+    stored = {i: anon_pages[i] for i, s in status.items() if s is PutResult.STORED}
+    no_memory = sum(s is PutResult.NO_MEMORY for s in status.values())
+    assert len(stored) - zc.stats()["same_filled_pages"] <= 2 * 8 and no_memory >= 1
+    # each put that found no frame offered at least one LRU page, and it was refused
+    assert zc.stats()["writeback_failed"] >= no_memory
+    assert zc.stats()["writtenback_pages"] == 0
     for i, page in stored.items():
         assert zc.get(pers, (0, 0, 0), i) == page
     assert zc.zbud.counters[1].zombie_count == 0

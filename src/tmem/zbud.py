@@ -552,6 +552,85 @@ class Zbud:
             if stamp[e & _FRAME_MASK] == e >> 32 and flags[e & _FRAME_MASK] & F_USED
         ]
 
+    # ---- accounting (tests and debugging; never on the put/get paths) ------------------
+
+    def frames_held(self) -> dict[int, str]:
+        """Every frame zbud holds, and as what: "unbuddied", "buddied", "huge", "zombie",
+        or "staged" (a raw page compress-behind has not compressed yet).
+
+        The allocator's side of :meth:`Zcache.check_frames`: read from the frame table
+        alone, never from the counters, so a frame lost or handed out twice shows even
+        when every counter was updated as usual. Any allocator behind zcache reports the
+        frames it holds this way. Walks every frame.
+        """
+        flags, size0, size1 = self.flags, self.size0, self.size1
+        out: dict[int, str] = {}
+        for frame in range(self.nframes):
+            f = flags[frame]
+            if not f & F_USED:
+                continue
+            if f & F_ZOMBIE:
+                kind = "zombie"
+            elif f & F_STAGED:
+                kind = "staged"
+            elif f & F_HUGE:
+                kind = "huge"
+            elif size0[frame] and size1[frame]:
+                kind = "buddied"
+            else:
+                kind = "unbuddied"
+            out[frame] = kind
+        return out
+
+    def check(self) -> list[str]:
+        """Inconsistencies in zbud's own structures (none: ``[]``), for tests.
+
+        A held frame that holds nothing; a free frame with data or a list mark left; a
+        huge frame without its handle (or a staged one with one); a live frame missing
+        from its LRU queue, or an unbuddied one from the stack of its size (reclaim or
+        best fit would then never find it). Walks every frame.
+        """
+        problems: list[str] = []
+        flags, size0, size1 = self.flags, self.size0, self.size1
+        where, stamp, cls_col = self.where, self.stamp, self.cls
+        lru = (set(self.lru[EPH]), set(self.lru[PERS]))
+        stacks = [[set(s) for s in c] for c in self.unbuddied]
+        for frame in range(self.nframes):
+            f, s0, s1 = flags[frame], size0[frame], size1[frame]
+            has_handle = frame in self.huge_handles
+            if not f & F_USED:
+                if f or s0 or s1 or where[frame] or has_handle:
+                    problems.append(f"frame {frame}: not held, but its columns are not clear")
+                continue
+            cls = cls_col[frame]
+            if not (s0 or s1):
+                problems.append(f"frame {frame}: held, but holds no zbud")
+            if f & F_HUGE:
+                if s0 != PAGE_SIZE or s1:
+                    problems.append(f"frame {frame}: huge, but sized {s0} + {s1}")
+                if bool(f & F_STAGED) == has_handle:
+                    problems.append(f"frame {frame}: huge handle kept: {has_handle}, flags {f}")
+            elif has_handle or f & F_STAGED:
+                problems.append(f"frame {frame}: not huge, but flags {f} or a huge handle")
+            if f & (F_ZOMBIE | F_STAGED):  # on no LRU and no stack
+                if where[frame]:
+                    problems.append(f"frame {frame}: zombie or staged, but on an unbuddied stack")
+                continue
+            if not stamp[frame] or stamp[frame] << 32 | frame not in lru[cls]:
+                problems.append(f"frame {frame}: live, but not on the LRU of class {cls}")
+            if f & F_HUGE or (s0 and s1):
+                if where[frame]:
+                    problems.append(f"frame {frame}: full, but marked on an unbuddied stack")
+                continue
+            i = chunks(s0 + s1)
+            if (
+                where[frame] != i | cls << 6
+                or frame not in stacks[cls][i]
+                or not self.unbuddied_mask[cls] >> i & 1
+            ):
+                problems.append(f"frame {frame}: unbuddied, but not on stack {i} of class {cls}")
+        return problems
+
     def metadata_bytes(self) -> int:
         """Bytes of zbud bookkeeping outside the arena (columns, queues, stacks)."""
         cols = (self.size0, self.size1, self.flags, self.cls, self.where, self.stamp)

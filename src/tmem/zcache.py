@@ -1277,6 +1277,96 @@ class Zcache:
         )
         return out
 
+    # ---- accounting (tests and debugging; never on the put/get paths) ----------------
+
+    def frame_owners(self) -> list[list[str]]:
+        """Who holds each frame of the budget: ``"free"`` once for each time the frame is
+        on the free stack, plus the allocator's kind if it holds the frame (see
+        :meth:`Zbud.frames_held`; ``"staged"`` is a raw compress-behind page).
+
+        Built by walking the free stack and the allocator's frame table, not from the
+        counters: exactly one owner per frame is the invariant :meth:`check_frames`
+        checks. Entries of the free stack outside the budget are left out here.
+        """
+        owners: list[list[str]] = [[] for _ in range(self.frames_total)]
+        for frame in self._free_frames:
+            if 0 <= frame < self.frames_total:
+                owners[frame].append("free")
+        for frame, kind in self.zbud.frames_held().items():
+            owners[frame].append(kind)
+        return owners
+
+    def check_frames(self) -> list[str]:
+        """Every way the frame accounting is broken, as sentences (none: ``[]``).
+
+        * each frame of the budget has exactly one owner (:meth:`frame_owners`): none is
+          a leak, two is a frame both free and in use, or on the free stack twice;
+        * the allocator's own structures agree (:meth:`Zbud.check`);
+        * every zbud the allocator holds is mapped by exactly one tmem handle, the one
+          written in its frame, and every local handle maps to a zbud that is held (an
+          unmapped zbud can never be freed; a dangling handle reads another page);
+        * every staged frame is named by the compress-behind queue (else it is never
+          compacted).
+
+        For tests and debugging: it walks every frame and every stored page.
+        """
+        total = self.frames_total
+        problems = [
+            f"free stack entry {frame} is outside the budget of {total} frames"
+            for frame in self._free_frames
+            if not 0 <= frame < total
+        ]
+        for frame, owners in enumerate(self.frame_owners()):
+            if not owners:
+                problems.append(f"frame {frame}: held by nobody (leaked)")
+            elif len(owners) > 1:
+                problems.append(f"frame {frame}: held {len(owners)} times: {', '.join(owners)}")
+        problems.extend("zbud: " + p for p in self.zbud.check())
+        mapped: dict[int, tuple[int, int, int, int, int, int]] = {}
+        for pool in self.tmem.pools():
+            for oid, pages in pool.objects.items():
+                for index, pampd in pages.items():
+                    if type(pampd) is not int or pampd < 0:
+                        continue  # a remote or same-filled page holds no frame
+                    handle = (oid[0], oid[1], oid[2], index, pool.pool_id, pool.client)
+                    if pampd in mapped:
+                        problems.append(f"pampd {pampd}: mapped by {mapped[pampd]} and {handle}")
+                    else:
+                        mapped[pampd] = handle
+        held = self.zbud.frames_held()
+        for frame, kind in held.items():
+            zbuds: list[tuple[int, tuple[int, ...] | None]] = []
+            if kind == "staged":  # zcache keeps staged handles, in its queue
+                zbuds.append((frame << 1, None))
+            else:
+                try:
+                    zbuds.extend(self.zbud.handles(frame))
+                except KeyError:  # a huge frame without its handle: zbud.check said so
+                    zbuds.append((frame << 1, None))
+            for pampd, written in zbuds:
+                mapper = mapped.pop(pampd, None)
+                if mapper is None:
+                    problems.append(f"frame {frame} ({kind}): zbud {pampd} mapped by no handle")
+                elif written is not None and tuple(written) != mapper:
+                    problems.append(f"pampd {pampd}: frame names {written}, tmem maps {mapper}")
+        problems.extend(
+            f"handle {mapper} maps to zbud {pampd}, which is not held"
+            for pampd, mapper in mapped.items()
+        )
+        queued: set[int] = set()
+        for run_pool, run_oid, first, frames in self._staged:
+            entries = run_pool.objects.get(run_oid)
+            if entries is not None:
+                for k, frame in enumerate(frames):
+                    if entries.get(first + k) == frame << 1:
+                        queued.add(frame)
+        problems.extend(
+            f"frame {frame}: staged, but not on the compress-behind queue"
+            for frame in sorted(held)
+            if held[frame] == "staged" and frame not in queued
+        )
+        return problems
+
 
 def _fill_pattern(page: PageArg) -> int | None:
     """The 8 bytes repeated over the whole page as a little-endian int (zero pages: 0),
