@@ -53,10 +53,12 @@ def test_stats_json_has_counters() -> None:
         "compression_ratio",
     ):
         assert key in data, key
-    assert data["frontswap_succ_stores"] > 0
+    # the demo stores 2/3 of the 600 pages through frontswap and loads every other one
+    assert data["frontswap_succ_stores"] + data["frontswap_failed_stores"] == 400
+    # persistent: every stored even offset loads back; at most 200 stores were odd ones
+    assert data["frontswap_succ_stores"] - 200 <= data["frontswap_loads"] <= 200
     assert data["frontswap_loads"] > 0
     assert data["frames_total"] == 128  # 512KiB
-    assert data["frames_used"] <= data["frames_total"]
 
 
 def test_stats_table() -> None:
@@ -139,9 +141,7 @@ def _check_bench(data: dict[str, object]) -> None:
     for op in ("put", "get"):
         row = data[op]
         assert isinstance(row, dict)
-        assert row["zcache_pages_per_s"] > 0
-        assert row["dict_pages_per_s"] > 0
-        assert row["ratio"] > 0
+        assert row["ratio"] == pytest.approx(row["zcache_pages_per_s"] / row["dict_pages_per_s"])
     assert "put_many" not in data  # a loop over put: no batch row
     assert data["verified"] is True
     density = data["density"]
@@ -155,7 +155,8 @@ def _check_bench(data: dict[str, object]) -> None:
     mixed = data["mixed"]
     assert isinstance(mixed, dict)
     assert mixed["pers_corrupt"] == 0 and mixed["eph_wrong_data"] == 0
-    assert mixed["evicted_eph_pageframes"] > 0  # the budget forced ouroboros
+    # the budget forced ouroboros: each evicted ephemeral frame went one of its two ways
+    assert mixed["evicted_eph_pageframes"] == mixed["eph_ate_tail"] + mixed["pers_ate_eph"] > 0
 
 
 def test_bench_json_small() -> None:
