@@ -1146,7 +1146,7 @@ class Zcache:
         return totals
 
     def _walk_maps(self, totals: _MapTotals, pages_per_step: int) -> Iterator[None]:
-        """Add up the tmem maps' metadata bytes and radix nodes into ``totals``, yielding
+        """Add up the tmem maps' metadata bytes and objects into ``totals``, yielding
         after each ``pages_per_step`` pages or so (between objects)."""
         totals.metadata_bytes = self.zbud.metadata_bytes() + self._free_frames.buffer_info()[1] * 4
         totals.metadata_bytes += sum(120 + 36 * len(run[3]) for run in self._staged)
@@ -1156,7 +1156,6 @@ class Zcache:
             total = getsizeof(pool.objects) + 200
             totals.obj_count += len(pool.objects)
             for oid, pages in list(pool.objects.items()):  # it may change between steps
-                totals.objnode_count += _radix_nodes(pages)
                 total += getsizeof(pages) + getsizeof(oid)
                 total += sum(getsizeof(w) for w in oid if w > 256)
                 for index, pampd in pages.items():
@@ -1181,8 +1180,8 @@ class Zcache:
 
         For a server that must not stall its clients while it counts (a /stats scrape
         of millions of pages): let the event loop serve requests at each None. The
-        counters are read at the end, all at one instant; only the metadata and radix
-        node totals are summed over the walk (objects created meanwhile are missed).
+        counters are read at the end, all at one instant; only the metadata and object
+        totals are summed over the walk (objects created meanwhile are missed).
         """
         totals = _MapTotals()
         yield from self._walk_maps(totals, max(1, pages_per_step))
@@ -1201,7 +1200,6 @@ class Zcache:
         out: dict[str, int | float] = {
             # zcache (section 4.11)
             "obj_count": totals.obj_count,
-            "objnode_count": totals.objnode_count,
             "flush_total": self.counters.flush_total,
             "flush_found": self.counters.flush_found,
             "flobj_total": self.counters.flobj_total,
@@ -1209,8 +1207,6 @@ class Zcache:
             "failed_eph_puts": self.counters.failed_eph_puts,
             "failed_pers_puts": self.counters.failed_pers_puts,
             "failed_getfreepages": self.counters.failed_getfreepages,
-            "failed_alloc": 0,
-            "put_to_flush": 0,
             "compress_poor": self.counters.compress_poor,
             "mean_compress_poor": self.counters.mean_compress_poor,
             "eph_ate_tail": self.counters.eph_ate_tail,
@@ -1238,7 +1234,6 @@ class Zcache:
             "staged_pages_total": self.counters.staged_pages_total,
             "compacted_pages": self.counters.compacted_pages,
             "same_filled_pages_total": self.counters.same_filled_pages_total,
-            "outstanding_writeback_pages": 0,
             "writtenback_pages": self.counters.writtenback_pages,
             "writeback_failed": self.counters.writeback_failed,
             "failed_gets": self.counters.failed_gets,
@@ -1296,22 +1291,3 @@ class _MapTotals:
 
     metadata_bytes: int = 0
     obj_count: int = 0
-    objnode_count: int = 0
-
-
-def _radix_nodes(pages: dict[int, Pampd]) -> int:
-    """objnodes a kernel 64-way radix tree would need for these indexes (for the counter)."""
-    if not pages:
-        return 0
-    top = max(pages)
-    if top == 0:
-        return 0
-    height = 0
-    while top >> (6 * height):
-        height += 1
-    nodes = 0
-    dense = len(pages) == top + 1  # indexes 0..top (a block device's objects): no walk
-    for level in range(1, height + 1):
-        shift = 6 * level
-        nodes += (top >> shift) + 1 if dense else len({index >> shift for index in pages})
-    return nodes
