@@ -162,7 +162,7 @@ class ZcacheCounters:
     compacted_pages: int = 0  # staged pages compress-behind has dealt with
     writtenback_pages: int = 0
     writeback_failed: int = 0
-    failed_gets: int = 0
+    failed_gets: int = 0  # get/get_many found no page (read_run misses are the caller's)
 
 
 class Zcache:
@@ -814,9 +814,11 @@ class Zcache:
         persistent pool (a block device read), as one buffer of ``count`` pages.
 
         Returns ``(pages, missing)``: ``missing`` lists the positions (0-based) the pool
-        has no page for; they read as zeros in ``pages``. With the lz4 extension the run
-        is decompressed straight out of the arena in one call. A page living on another
-        node raises :class:`RemotePageError`, as :meth:`get` does.
+        has no page for; they read as zeros in ``pages``. They are not counted as
+        ``failed_gets``: only the caller can tell a hole (a block never written) from a
+        page kept in a lower tier. With the lz4 extension the run is decompressed
+        straight out of the arena in one call. A page living on another node raises
+        :class:`RemotePageError`, as :meth:`get` does.
         """
         pool = self._pool(pool_id, client)
         if not pool.persistent:
@@ -830,7 +832,6 @@ class Zcache:
             raise InvalidHandleError(f"oid must be a tuple of three ints, got {oid!r}") from None
         if pages is None:
             check_oid(oid)
-            self.counters.failed_gets += count
             return bytearray(count * PAGE_SIZE), list(range(count))
         missing: list[int] = []
         gather = self._gather
@@ -844,7 +845,6 @@ class Zcache:
                     out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = self._read(pampd)
                 else:
                     raise RemotePageError(pampd)
-            self.counters.failed_gets += len(missing)
             return out, missing
         spans: list[int] = []  # [start, length] per page for gather()
         span = self.zbud.span
@@ -863,7 +863,6 @@ class Zcache:
                 start, end = span(pampd)
                 spans.append(start)
                 spans.append(end - start)
-        self.counters.failed_gets += len(missing)
         try:
             return gather(self._mm, spans), missing
         except ValueError as exc:  # a corrupt page must never pass as data

@@ -275,8 +275,9 @@ class BlockDevice:
 
     # ---------------------------------------------------------------- page level
     def _read_page(self, n: int) -> bytes:
-        data = self.zcache.get(self.pool, (n >> OBJ_SHIFT, 0, 0), n & OBJ_MASK, False)
-        return data if data is not None else self._read_cold(n)
+        # A read_run of one page, not a get: a hole is no failed get (see read_run).
+        buf, missing = self._read_pages(n, n + 1)
+        return self._read_cold(n) if missing else bytes(buf)
 
     def _read_cold(self, n: int) -> bytes:
         """A page that is not in the persistent pool: the backing file or zeros."""
