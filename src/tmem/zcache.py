@@ -23,6 +23,7 @@ purpose: puts per second is a feature, and every Python call costs.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import mmap
 import sys
@@ -1253,7 +1254,12 @@ class Zcache:
         out["zbud_eph_zombie_count"] = zb[EPH].zombie_count
         stored_pages = eph_zpages + pers_zpages
         metadata = totals.metadata_bytes
-        mem_used = self.frames_used * PAGE_SIZE + metadata
+        # What the process holds for the store: every resident arena page (free frames
+        # stay resident once touched; a prefaulted arena is resident whole) + metadata.
+        # The compression ratio is over the frames holding data, as before.
+        resident = _resident_bytes(self._mm)
+        mem_used = resident + metadata
+        holding = self.frames_used * PAGE_SIZE + metadata
         out.update(
             {
                 "frames_total": self.frames_total,
@@ -1264,8 +1270,9 @@ class Zcache:
                 "orig_data_size": stored_pages * PAGE_SIZE,
                 "compr_data_size": zb[EPH].zbytes + zb[PERS].zbytes,
                 "metadata_bytes": metadata,
+                "arena_resident_bytes": resident,
                 "mem_used_total": mem_used,
-                "compression_ratio": (stored_pages * PAGE_SIZE / mem_used) if mem_used else 0.0,
+                "compression_ratio": (stored_pages * PAGE_SIZE / holding) if holding else 0.0,
                 "metadata_bytes_per_page": (metadata / stored_pages) if stored_pages else 0.0,
             }
         )
@@ -1282,6 +1289,38 @@ def _fill_pattern(page: PageArg) -> int | None:
     raw = page if type(page) is bytes else bytes(page)
     head = raw[:8]
     return int.from_bytes(head, "little") if head * (PAGE_SIZE // 8) == raw else None
+
+
+def _find_mincore() -> Any:
+    """libc's mincore(2), or None where there is none (then the arena counts whole)."""
+    try:
+        mincore = ctypes.CDLL(None, use_errno=True).mincore
+    except (OSError, AttributeError):
+        return None
+    mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    mincore.restype = ctypes.c_int
+    return mincore
+
+
+_MINCORE: Final = _find_mincore()
+_LOW_BIT: Final = bytes(i & 1 for i in range(256))  # mincore's other bits are unspecified
+
+
+def _resident_bytes(mm: mmap.mmap) -> int:
+    """Bytes of the mapping ``mm`` resident in RAM, asked of the kernel (mincore).
+
+    Anonymous pages count from their first write until unmapped (or swapped out);
+    where the kernel cannot be asked, the whole mapping is counted (what it may hold).
+    """
+    size = len(mm)
+    if _MINCORE is None or not size:
+        return size
+    vec = bytearray((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    out = (ctypes.c_ubyte * len(vec)).from_buffer(vec)
+    if _MINCORE(addr, size, out) != 0:
+        return size
+    return vec.translate(_LOW_BIT).count(1) * mmap.PAGESIZE
 
 
 @dataclass
