@@ -478,3 +478,22 @@ def test_four_times_budget_with_compress_behind(
         flat = b"".join(bytes(r) if isinstance(r, int) else b"".join(r) for r in runs)
         assert flat == want[offset * PAGE : (offset + length) * PAGE]
     assert 3 * PAGE in dev.read_runs(96 * PAGE, 8 * PAGE)  # the trimmed pages are a hole
+
+
+def test_reading_holes_is_not_a_failed_get() -> None:
+    """Unwritten (or trimmed) blocks read as zeros by design: no get failed. A get that
+    misses a page the caller stored is still counted."""
+    dev = BlockDevice(64 * PAGE, memory="1MiB")
+    dev.write(2 * PAGE, text_page(2))
+    assert dev.read(0, 8 * PAGE)[2 * PAGE : 3 * PAGE] == text_page(2)  # 7 holes, aligned
+    assert dev.read(5 * PAGE + 100, 3000) == bytes(3000)  # a hole, unaligned
+    dev.read_runs(0, 16 * PAGE)
+    dev.write(9 * PAGE + 10, b"rmw over a hole")
+    dev.trim(2 * PAGE, PAGE)
+    assert dev.read(2 * PAGE, PAGE) == bytes(PAGE)
+    assert dev.counters.zero_reads > 0
+    assert dev.zcache.stats()["failed_gets"] == 0
+    zc = dev.zcache
+    cache = zc.new_pool(persistent=False)
+    assert zc.get(cache, (1, 0, 0), 0) is None  # a cleancache miss is one
+    assert zc.stats()["failed_gets"] == 1

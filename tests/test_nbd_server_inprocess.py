@@ -198,3 +198,44 @@ def test_small_read_of_a_remote_page_goes_async(tmp_path: Path) -> None:
     err, data = asyncio.run(main())
     assert err == 0 and data == page
     assert fetched == [("peer", 3)]
+
+
+def test_request_bytes_are_counted_once_when_inline_falls_back(tmp_path: Path) -> None:
+    """A small request that meets a remote page is redone on the async path: its bytes
+    are counted once, not once per path."""
+    pages = {3: b"remote page " * 341 + b"1234", 5: b"other page " * 372 + b"abcd"}
+
+    async def fetch(pool_id: int, oid: object, index: int, pampd: object) -> bytes:
+        await asyncio.sleep(0)
+        return pages[index]
+
+    async def main() -> tuple[BlockDevice, list[int]]:
+        dev = BlockDevice(1 * MiB, memory="1MiB")
+        dev.remote_fetch = fetch
+        for n in pages:
+            dev.zcache.install_remote(dev.pool, (0, 0, 0), n, ("peer", n))
+        server = srv.NbdServer(dev)
+        path = str(tmp_path / "s.sock")
+        await server.listen(Address(path=path))
+        reader, writer = await _handshake(path)
+        writer.write(_req(0, 1, 3 * 4096, 4096))  # read the remote page
+        patch = b"XYZ"
+        writer.write(_req(1, 2, 5 * 4096 + 10, len(patch)) + patch)  # RMW over one
+        await writer.drain()
+        errors = []
+        for _ in range(2):
+            _m, err, cookie = struct.unpack(">IIQ", await reader.readexactly(16))
+            errors.append(err)
+            if cookie == 1:
+                assert await reader.readexactly(4096) == pages[3]
+        writer.close()
+        await server.shutdown(grace=0.1)
+        return dev, errors
+
+    dev, errors = asyncio.run(main())
+    assert errors == [0, 0]
+    assert dev.read(5 * 4096, 4096) == pages[5][:10] + b"XYZ" + pages[5][13:]
+    assert dev.counters.remote_fetches == 2  # both went the async way
+    assert dev.counters.read_bytes == 4096 + 4096  # the request, and the check just above
+    assert dev.counters.write_bytes == 3
+    assert dev.counters.rmw == 1

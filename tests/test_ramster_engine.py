@@ -460,3 +460,58 @@ def test_unreachable_persistent_page_is_an_error_not_a_miss() -> None:
         assert b.stats()["foreign_pers_pages"] == 0
 
     run(main())
+
+
+class FlakyPeers(FakePeers):
+    """A live peer whose page or object flushes fail while named in ``failing``."""
+
+    def __init__(self, fabric: Fabric, me: int) -> None:
+        super().__init__(fabric, me)
+        self.failing: set[str] = set()
+
+    async def flush_pages(self, node: int, keys: list[Key]) -> None:
+        if "pages" in self.failing:
+            raise PeerError("flush lost")
+        await super().flush_pages(node, keys)
+
+    async def flush_objects(self, node: int, objs: list[tuple[int, Oid]]) -> None:
+        if "objects" in self.failing:
+            raise PeerError("flush lost")
+        await super().flush_objects(node, objs)
+
+
+def test_a_queued_flush_that_fails_again_is_counted_once() -> None:
+    async def main() -> None:
+        f = Fabric()
+        a, b = make(f, 1, "1MiB", replicas=1), make(f, 2, "4MiB", replicas=1)
+        peers = a.peers = FlakyPeers(f, 1)
+        pool = a.new_pool(persistent=True)
+        for i, p in enumerate(pages(3, seed=9)):
+            assert await a.put(pool, OID, i, p)
+        assert await a.remotify_once() == 3
+        assert a.flush_page(pool, OID, 0)  # queued for b
+        a.flush_object(pool, OID)  # the rest: one object flush, queued behind it
+        peers.failing = {"pages", "objects"}
+        for _ in range(3):  # the worker retries on every run while b looks alive
+            await a.drain_flushes()
+        assert a.c.remote_page_flushes_failed == 1
+        assert a.c.remote_object_flushes_failed == 0  # never sent: the pages failed first
+        assert a.stats()["flushes_queued"] == 2
+        peers.failing = {"objects"}
+        for _ in range(2):
+            await a.drain_flushes()
+        assert (a.c.remote_pages_flushed, a.c.remote_page_flushes_failed) == (1, 1)
+        assert (a.c.remote_objects_flushed, a.c.remote_object_flushes_failed) == (0, 1)
+        peers.failing = set()
+        await a.drain_flushes()
+        assert (a.c.remote_objects_flushed, a.c.remote_object_flushes_failed) == (1, 1)
+        assert a.stats()["flushes_queued"] == 0
+        assert b.stats()["foreign_pers_pages"] == 0
+        assert await a.put(pool, OID, 7, pages(1, seed=10)[0])
+        assert await a.remotify_once() == 1
+        assert a.flush_page(pool, OID, 7)
+        peers.failing = {"pages"}
+        await a.drain_flushes()  # a new flush that fails: counted
+        assert a.c.remote_page_flushes_failed == 2
+
+    run(main())

@@ -39,6 +39,7 @@ SUMMARY_KEYS = (
     "compr_data_size",
     "metadata_bytes",
     "metadata_bytes_per_page",
+    "arena_resident_bytes",
     "mem_used_total",
     "compression_ratio",
 )

@@ -23,6 +23,7 @@ purpose: puts per second is a feature, and every Python call costs.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import mmap
 import sys
@@ -162,7 +163,7 @@ class ZcacheCounters:
     compacted_pages: int = 0  # staged pages compress-behind has dealt with
     writtenback_pages: int = 0
     writeback_failed: int = 0
-    failed_gets: int = 0
+    failed_gets: int = 0  # get/get_many found no page (read_run misses are the caller's)
 
 
 class Zcache:
@@ -814,9 +815,11 @@ class Zcache:
         persistent pool (a block device read), as one buffer of ``count`` pages.
 
         Returns ``(pages, missing)``: ``missing`` lists the positions (0-based) the pool
-        has no page for; they read as zeros in ``pages``. With the lz4 extension the run
-        is decompressed straight out of the arena in one call. A page living on another
-        node raises :class:`RemotePageError`, as :meth:`get` does.
+        has no page for; they read as zeros in ``pages``. They are not counted as
+        ``failed_gets``: only the caller can tell a hole (a block never written) from a
+        page kept in a lower tier. With the lz4 extension the run is decompressed
+        straight out of the arena in one call. A page living on another node raises
+        :class:`RemotePageError`, as :meth:`get` does.
         """
         pool = self._pool(pool_id, client)
         if not pool.persistent:
@@ -830,7 +833,6 @@ class Zcache:
             raise InvalidHandleError(f"oid must be a tuple of three ints, got {oid!r}") from None
         if pages is None:
             check_oid(oid)
-            self.counters.failed_gets += count
             return bytearray(count * PAGE_SIZE), list(range(count))
         missing: list[int] = []
         gather = self._gather
@@ -844,7 +846,6 @@ class Zcache:
                     out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = self._read(pampd)
                 else:
                     raise RemotePageError(pampd)
-            self.counters.failed_gets += len(missing)
             return out, missing
         spans: list[int] = []  # [start, length] per page for gather()
         span = self.zbud.span
@@ -863,7 +864,6 @@ class Zcache:
                 start, end = span(pampd)
                 spans.append(start)
                 spans.append(end - start)
-        self.counters.failed_gets += len(missing)
         try:
             return gather(self._mm, spans), missing
         except ValueError as exc:  # a corrupt page must never pass as data
@@ -1146,7 +1146,7 @@ class Zcache:
         return totals
 
     def _walk_maps(self, totals: _MapTotals, pages_per_step: int) -> Iterator[None]:
-        """Add up the tmem maps' metadata bytes and radix nodes into ``totals``, yielding
+        """Add up the tmem maps' metadata bytes and objects into ``totals``, yielding
         after each ``pages_per_step`` pages or so (between objects)."""
         totals.metadata_bytes = self.zbud.metadata_bytes() + self._free_frames.buffer_info()[1] * 4
         totals.metadata_bytes += sum(120 + 36 * len(run[3]) for run in self._staged)
@@ -1156,7 +1156,6 @@ class Zcache:
             total = getsizeof(pool.objects) + 200
             totals.obj_count += len(pool.objects)
             for oid, pages in list(pool.objects.items()):  # it may change between steps
-                totals.objnode_count += _radix_nodes(pages)
                 total += getsizeof(pages) + getsizeof(oid)
                 total += sum(getsizeof(w) for w in oid if w > 256)
                 for index, pampd in pages.items():
@@ -1181,8 +1180,8 @@ class Zcache:
 
         For a server that must not stall its clients while it counts (a /stats scrape
         of millions of pages): let the event loop serve requests at each None. The
-        counters are read at the end, all at one instant; only the metadata and radix
-        node totals are summed over the walk (objects created meanwhile are missed).
+        counters are read at the end, all at one instant; only the metadata and object
+        totals are summed over the walk (objects created meanwhile are missed).
         """
         totals = _MapTotals()
         yield from self._walk_maps(totals, max(1, pages_per_step))
@@ -1201,7 +1200,6 @@ class Zcache:
         out: dict[str, int | float] = {
             # zcache (section 4.11)
             "obj_count": totals.obj_count,
-            "objnode_count": totals.objnode_count,
             "flush_total": self.counters.flush_total,
             "flush_found": self.counters.flush_found,
             "flobj_total": self.counters.flobj_total,
@@ -1209,8 +1207,6 @@ class Zcache:
             "failed_eph_puts": self.counters.failed_eph_puts,
             "failed_pers_puts": self.counters.failed_pers_puts,
             "failed_getfreepages": self.counters.failed_getfreepages,
-            "failed_alloc": 0,
-            "put_to_flush": 0,
             "compress_poor": self.counters.compress_poor,
             "mean_compress_poor": self.counters.mean_compress_poor,
             "eph_ate_tail": self.counters.eph_ate_tail,
@@ -1238,7 +1234,6 @@ class Zcache:
             "staged_pages_total": self.counters.staged_pages_total,
             "compacted_pages": self.counters.compacted_pages,
             "same_filled_pages_total": self.counters.same_filled_pages_total,
-            "outstanding_writeback_pages": 0,
             "writtenback_pages": self.counters.writtenback_pages,
             "writeback_failed": self.counters.writeback_failed,
             "failed_gets": self.counters.failed_gets,
@@ -1259,7 +1254,12 @@ class Zcache:
         out["zbud_eph_zombie_count"] = zb[EPH].zombie_count
         stored_pages = eph_zpages + pers_zpages
         metadata = totals.metadata_bytes
-        mem_used = self.frames_used * PAGE_SIZE + metadata
+        # What the process holds for the store: every resident arena page (free frames
+        # stay resident once touched; a prefaulted arena is resident whole) + metadata.
+        # The compression ratio is over the frames holding data, as before.
+        resident = _resident_bytes(self._mm)
+        mem_used = resident + metadata
+        holding = self.frames_used * PAGE_SIZE + metadata
         out.update(
             {
                 "frames_total": self.frames_total,
@@ -1270,8 +1270,9 @@ class Zcache:
                 "orig_data_size": stored_pages * PAGE_SIZE,
                 "compr_data_size": zb[EPH].zbytes + zb[PERS].zbytes,
                 "metadata_bytes": metadata,
+                "arena_resident_bytes": resident,
                 "mem_used_total": mem_used,
-                "compression_ratio": (stored_pages * PAGE_SIZE / mem_used) if mem_used else 0.0,
+                "compression_ratio": (stored_pages * PAGE_SIZE / holding) if holding else 0.0,
                 "metadata_bytes_per_page": (metadata / stored_pages) if stored_pages else 0.0,
             }
         )
@@ -1380,28 +1381,41 @@ def _fill_pattern(page: PageArg) -> int | None:
     return int.from_bytes(head, "little") if head * (PAGE_SIZE // 8) == raw else None
 
 
+def _find_mincore() -> Any:
+    """libc's mincore(2), or None where there is none (then the arena counts whole)."""
+    try:
+        mincore = ctypes.CDLL(None, use_errno=True).mincore
+    except (OSError, AttributeError):
+        return None
+    mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    mincore.restype = ctypes.c_int
+    return mincore
+
+
+_MINCORE: Final = _find_mincore()
+_LOW_BIT: Final = bytes(i & 1 for i in range(256))  # mincore's other bits are unspecified
+
+
+def _resident_bytes(mm: mmap.mmap) -> int:
+    """Bytes of the mapping ``mm`` resident in RAM, asked of the kernel (mincore).
+
+    Anonymous pages count from their first write until unmapped (or swapped out);
+    where the kernel cannot be asked, the whole mapping is counted (what it may hold).
+    """
+    size = len(mm)
+    if _MINCORE is None or not size:
+        return size
+    vec = bytearray((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    out = (ctypes.c_ubyte * len(vec)).from_buffer(vec)
+    if _MINCORE(addr, size, out) != 0:
+        return size
+    return vec.translate(_LOW_BIT).count(1) * mmap.PAGESIZE
+
+
 @dataclass
 class _MapTotals:
     """What one walk over the tmem maps adds up (for stats)."""
 
     metadata_bytes: int = 0
     obj_count: int = 0
-    objnode_count: int = 0
-
-
-def _radix_nodes(pages: dict[int, Pampd]) -> int:
-    """objnodes a kernel 64-way radix tree would need for these indexes (for the counter)."""
-    if not pages:
-        return 0
-    top = max(pages)
-    if top == 0:
-        return 0
-    height = 0
-    while top >> (6 * height):
-        height += 1
-    nodes = 0
-    dense = len(pages) == top + 1  # indexes 0..top (a block device's objects): no walk
-    for level in range(1, height + 1):
-        shift = 6 * level
-        nodes += (top >> shift) + 1 if dense else len({index >> shift for index in pages})
-    return nodes

@@ -275,8 +275,9 @@ class BlockDevice:
 
     # ---------------------------------------------------------------- page level
     def _read_page(self, n: int) -> bytes:
-        data = self.zcache.get(self.pool, (n >> OBJ_SHIFT, 0, 0), n & OBJ_MASK, False)
-        return data if data is not None else self._read_cold(n)
+        # A read_run of one page, not a get: a hole is no failed get (see read_run).
+        buf, missing = self._read_pages(n, n + 1)
+        return self._read_cold(n) if missing else bytes(buf)
 
     def _read_cold(self, n: int) -> bytes:
         """A page that is not in the persistent pool: the backing file or zeros."""
@@ -486,8 +487,8 @@ class BlockDevice:
             if stop - start == PAGE_SIZE:
                 self._write_page(n, chunk)
             else:
+                old = self._read_page(n)  # may raise RemotePageError: redone, counted once
                 self.counters.rmw += 1
-                old = self._read_page(n)
                 self._write_page(n, old[:start] + chunk + old[stop:])
 
     def _zero_range(self, offset: int, length: int, *, trim: bool) -> None:
@@ -495,8 +496,8 @@ class BlockDevice:
             if stop - start == PAGE_SIZE:
                 self._discard_page(n)
             elif not trim:  # TRIM is a hint: partial pages keep their data
-                self.counters.rmw += 1
                 old = self._read_page(n)
+                self.counters.rmw += 1
                 self._write_page(n, old[:start] + bytes(stop - start) + old[stop:])
 
     def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
@@ -528,18 +529,28 @@ class BlockDevice:
         return out
 
     # ----------------------------------------------------------- sync interface
+    # A sync call that raises RemotePageError has not served the request: the server
+    # redoes it with the a* coroutine, which counts its bytes (so they count once).
     def read(self, offset: int, length: int) -> bytes:
         """Return ``length`` bytes at ``offset``; unwritten blocks read as zeros."""
         self._check(offset, length, errno.EINVAL)
         self.counters.read_bytes += length
-        return self._read_range(offset, length)
+        try:
+            return self._read_range(offset, length)
+        except RemotePageError:
+            self.counters.read_bytes -= length  # not served: the a* path counts it
+            raise
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` at ``offset`` (ENOSPC only when RAM and backing are full)."""
         buf = data if isinstance(data, bytes) else bytes(memoryview(data).cast("B"))
         self._check(offset, len(buf), errno.ENOSPC)
         self.counters.write_bytes += len(buf)
-        self._write_range(offset, buf)
+        try:
+            self._write_range(offset, buf)
+        except RemotePageError:
+            self.counters.write_bytes -= len(buf)  # not served: the a* path counts it
+            raise
 
     def trim(self, offset: int, length: int) -> None:
         """Drop whole pages in the range (a hint: partial pages are left alone)."""
@@ -551,7 +562,11 @@ class BlockDevice:
         """Make the range read as zeros; whole pages are dropped (cost nothing)."""
         self._check(offset, length, errno.ENOSPC)
         self.counters.zero_bytes += length
-        self._zero_range(offset, length, trim=False)
+        try:
+            self._zero_range(offset, length, trim=False)
+        except RemotePageError:
+            self.counters.zero_bytes -= length  # not served: the a* path counts it
+            raise
 
     def flush(self) -> None:
         """Make completed writes durable in the backing file (NBD FLUSH / FUA)."""
@@ -613,7 +628,11 @@ class BlockDevice:
         """:meth:`read` as pages and hole lengths (ints), for zero-copy NBD replies."""
         self._check(offset, length, errno.EINVAL)
         self.counters.read_bytes += length
-        return self._read_extents(offset, length)
+        try:
+            return self._read_extents(offset, length)
+        except RemotePageError:
+            self.counters.read_bytes -= length  # not served: the a* path counts it
+            raise
 
     async def aread_extents(self, offset: int, length: int) -> list[bytes | int]:
         """:meth:`read_extents` in chunks, yielding to the loop between them."""
@@ -635,7 +654,11 @@ class BlockDevice:
         """:meth:`read_extents` with data runs as lists of buffers (nothing joined)."""
         self._check(offset, length, errno.EINVAL)
         self.counters.read_bytes += length
-        return self._read_runs(offset, length)
+        try:
+            return self._read_runs(offset, length)
+        except RemotePageError:
+            self.counters.read_bytes -= length  # not served: the a* path counts it
+            raise
 
     async def awrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """:meth:`write` in chunks, yielding to the loop between them."""

@@ -131,8 +131,10 @@ class Counters:
 
 @dataclass(slots=True)
 class _PeerOutbox:
-    flush_pages: dict[Key, None] = field(default_factory=dict)
-    flush_objects: dict[tuple[int, Oid], None] = field(default_factory=dict)
+    # Queued flushes, in order; the value says a send of it has failed already (it is
+    # counted as failed once, however often it is retried).
+    flush_pages: dict[Key, bool] = field(default_factory=dict)
+    flush_objects: dict[tuple[int, Oid], bool] = field(default_factory=dict)
     destroy_pools: dict[int, None] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
@@ -192,7 +194,7 @@ class PageEngine:
             raise UnknownPoolError(f"no pool {pool_id!r}") from None
 
     def _queue_flush(self, node: int, key: Key) -> None:
-        self.outbox.setdefault(node, _PeerOutbox()).flush_pages[key] = None
+        self.outbox.setdefault(node, _PeerOutbox()).flush_pages.setdefault(key, False)
 
     def _unregister(self, key: Key, entry: RemoteEntry) -> None:
         if self.remote.get(key) is entry:
@@ -405,7 +407,9 @@ class PageEngine:
         finally:
             self._bulk = None
         for node in holders:
-            self.outbox.setdefault(node, _PeerOutbox()).flush_objects[(pool_id, oid)] = None
+            self.outbox.setdefault(node, _PeerOutbox()).flush_objects.setdefault(
+                (pool_id, oid), False
+            )
         return n
 
     def destroy_pool(self, pool_id: int) -> int:
@@ -419,8 +423,8 @@ class PageEngine:
         del self.pools[pool_id]
         for node in holders:
             box = self.outbox.setdefault(node, _PeerOutbox())
-            box.flush_pages = {k: None for k in box.flush_pages if k[0] != pool_id}
-            box.flush_objects = {o: None for o in box.flush_objects if o[0] != pool_id}
+            box.flush_pages = {k: v for k, v in box.flush_pages.items() if k[0] != pool_id}
+            box.flush_objects = {o: v for o, v in box.flush_objects.items() if o[0] != pool_id}
             box.destroy_pools[pool_id] = None
         return n
 
@@ -436,6 +440,8 @@ class PageEngine:
                 list(box.flush_objects),
                 list(box.destroy_pools),
             )
+            chunk: list[Key] = []  # the flushes being sent when a send fails
+            sending: list[tuple[int, Oid]] = []
             try:
                 for i in range(0, len(pages), self.batch * 4):
                     chunk = pages[i : i + self.batch * 4]
@@ -443,19 +449,30 @@ class PageEngine:
                     for k in chunk:
                         box.flush_pages.pop(k, None)
                     self.c.remote_pages_flushed += len(chunk)
+                chunk = []
                 if objs:
+                    sending = objs
                     await self.peers.flush_objects(node, objs)
                     for o in objs:
                         box.flush_objects.pop(o, None)
                     self.c.remote_objects_flushed += len(objs)
+                    sending = []
                 if pools:
                     await self.peers.destroy_pools(node, pools)
                     for p in pools:
                         box.destroy_pools.pop(p, None)
                     self.c.remote_pools_destroyed += len(pools)
             except PeerError:
-                self.c.remote_page_flushes_failed += len(box.flush_pages)
-                self.c.remote_object_flushes_failed += len(box.flush_objects)
+                # Each flush counts as failed once, at the first send of it that fails;
+                # flushes queued behind the failed send were not tried. All stay queued.
+                for k in chunk:
+                    if box.flush_pages.get(k) is False:
+                        box.flush_pages[k] = True
+                        self.c.remote_page_flushes_failed += 1
+                for o in sending:
+                    if box.flush_objects.get(o) is False:
+                        box.flush_objects[o] = True
+                        self.c.remote_object_flushes_failed += 1
 
     def _victims(self, limit: int) -> list[ZombiePage]:
         """Zombify LRU frames until ``limit`` local pages are collected.
