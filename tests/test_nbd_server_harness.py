@@ -70,9 +70,13 @@ class Served:
 
 
 def start_server(
-    tmp: Path, *args: str, stats: bool = True, timeout: float = 30, loop: str = "auto"
+    tmp: Path, *args: str, stats: bool = True, timeout: float = 30, loop: str | None = None
 ) -> Served:
-    """Run `python -m tmem serve` on an ephemeral port + a unix socket; wait until ready."""
+    """Run `python -m tmem serve` on an ephemeral port + a unix socket; wait until ready.
+
+    ``loop`` None: the loop TMEM_EVENT_LOOP names (uvloop if unset), so the whole suite
+    can run once per event loop (``TMEM_EVENT_LOOP=asyncio pytest``)."""
+    loop = loop or os.environ.get("TMEM_EVENT_LOOP", "auto")
     ready = tmp / f"ready-{time.monotonic_ns()}.json"
     sock = tmp / f"nbd-{time.monotonic_ns()}.sock"
     log = tmp / f"serve-{time.monotonic_ns()}.log"
@@ -104,7 +108,7 @@ def serve_factory(tmp_path: Path) -> Iterator[Any]:
     every server is killed at teardown if a test did not stop it."""
     started: list[Served] = []
 
-    def factory(*args: str, stats: bool = True, loop: str = "auto") -> Served:
+    def factory(*args: str, stats: bool = True, loop: str | None = None) -> Served:
         s = start_server(tmp_path, *args, stats=stats, loop=loop)
         started.append(s)
         return s

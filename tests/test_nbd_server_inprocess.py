@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tmem.nbd import server as srv
@@ -239,3 +240,39 @@ def test_request_bytes_are_counted_once_when_inline_falls_back(tmp_path: Path) -
     assert dev.counters.read_bytes == 4096 + 4096  # the request, and the check just above
     assert dev.counters.write_bytes == 3
     assert dev.counters.rmw == 1
+
+
+def test_shutdown_yields_while_a_finished_task_is_still_listed() -> None:
+    """A request task has finished, but the done callback that takes it out of the
+    server's task set has not run yet: shutdown() must let the loop run it, not spin.
+    (Since Python 3.12, awaiting gather() over finished tasks does not yield: a server
+    looping on that never exited after SIGTERM.)"""
+
+    class GuardedTasks(set[asyncio.Task[None]]):
+        """The server's task set, counting how often shutdown() looks at it."""
+
+        looks = 0
+
+        def __iter__(self) -> Iterator[asyncio.Task[None]]:
+            self.looks += 1
+            if self.looks > 1000:
+                raise RuntimeError("shutdown() looked at its tasks 1000 times, never yielding")
+            return super().__iter__()
+
+    async def nothing() -> None:
+        return None
+
+    async def main() -> int:
+        server = srv.NbdServer(BlockDevice(1 * MiB, memory="1MiB"))
+        tasks = GuardedTasks()
+        server.tasks = tasks
+        finished = asyncio.create_task(nothing())
+        await asyncio.sleep(0)
+        assert finished.done()
+        stopping = asyncio.create_task(server.shutdown(grace=0))  # its first step: next
+        tasks.add(finished)
+        finished.add_done_callback(tasks.discard)  # like the server's: runs after that
+        await asyncio.wait_for(stopping, timeout=10)
+        return len(tasks)
+
+    assert asyncio.run(main()) == 0

@@ -33,6 +33,7 @@ import os
 import signal
 import socket
 import stat
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any, cast
@@ -67,6 +68,12 @@ COMPACT_POLL = 1.0
 # A /stats scrape walks the tmem maps this many pages at a time (~1 ms each), letting
 # clients' requests in between.
 STATS_STEP_PAGES = 32768
+# asyncio's socket transport in CPython 3.12.0-3.12.8 and 3.13.0-3.13.1 queues what
+# writelines() could not send without calling pause_writing() past its high-water
+# mark (CPython gh-127655), so resume_writing() never comes either and a client
+# paused on a full write buffer stayed paused forever. There _send() re-checks.
+_PY = sys.version_info[:3]
+WRITELINES_MAY_NOT_PAUSE = (3, 12) <= _PY < (3, 12, 9) or (3, 13) <= _PY < (3, 13, 2)
 FUA = int(proto.CmdFlag.FUA)  # tested with int(): IntFlag operators cost ~1 us each
 # Module constants: one lookup each on the per-request path.
 READ = proto.Command.READ
@@ -187,9 +194,13 @@ class NbdServer:
         for conn in list(self._conns):
             conn.on_shutdown()
         # A WRITE whose header arrived before shutdown may still start a task when its
-        # payload completes, so wait until no connection has any task left.
-        while pending := list(self.tasks):
-            await asyncio.gather(*pending, return_exceptions=True)
+        # payload completes, so wait until no connection has any unfinished task left.
+        # Not "until self.tasks is empty": a finished task leaves the set only when its
+        # done callback runs, and since Python 3.12 awaiting gather() over finished
+        # tasks returns without yielding to the loop, so that callback never ran and
+        # this loop spun forever (SIGTERM hung the server). asyncio.wait() always yields.
+        while pending := [t for t in self.tasks if not t.done()]:
+            await asyncio.wait(pending)
         with contextlib.suppress(BlockDeviceError):
             await self.device.aflush()
         deadline = time.monotonic() + grace
@@ -399,8 +410,15 @@ class _NbdProtocol(asyncio.Protocol):
         if not self._out:
             return
         out, self._out, self._out_bytes = self._out, [], 0
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(out)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.writelines(out)
+            if WRITELINES_MAY_NOT_PAUSE and not self._writing_paused:
+                low, high = transport.get_write_buffer_limits()
+                if transport.get_write_buffer_size() > high:
+                    # Setting the limits (to the same values) makes the transport
+                    # compare its buffer with them and call pause_writing().
+                    transport.set_write_buffer_limits(high, low)
 
     def _reply(self, req: proto.Request, error: int = 0, data: proto.Buffer | None = None) -> None:
         if self.transport is None or self.transport.is_closing():
