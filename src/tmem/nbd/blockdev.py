@@ -529,28 +529,22 @@ class BlockDevice:
         return out
 
     # ----------------------------------------------------------- sync interface
-    # A sync call that raises RemotePageError has not served the request: the server
-    # redoes it with the a* coroutine, which counts its bytes (so they count once).
+    # The sync calls count bytes once they have served them: one that raises
+    # RemotePageError has not, and the server redoes it with the a* coroutine, which
+    # counts them (so they count once).
     def read(self, offset: int, length: int) -> bytes:
         """Return ``length`` bytes at ``offset``; unwritten blocks read as zeros."""
         self._check(offset, length, errno.EINVAL)
+        data = self._read_range(offset, length)
         self.counters.read_bytes += length
-        try:
-            return self._read_range(offset, length)
-        except RemotePageError:
-            self.counters.read_bytes -= length  # not served: the a* path counts it
-            raise
+        return data
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` at ``offset`` (ENOSPC only when RAM and backing are full)."""
         buf = data if isinstance(data, bytes) else bytes(memoryview(data).cast("B"))
         self._check(offset, len(buf), errno.ENOSPC)
+        self._write_range(offset, buf)
         self.counters.write_bytes += len(buf)
-        try:
-            self._write_range(offset, buf)
-        except RemotePageError:
-            self.counters.write_bytes -= len(buf)  # not served: the a* path counts it
-            raise
 
     def trim(self, offset: int, length: int) -> None:
         """Drop whole pages in the range (a hint: partial pages are left alone)."""
@@ -561,12 +555,8 @@ class BlockDevice:
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make the range read as zeros; whole pages are dropped (cost nothing)."""
         self._check(offset, length, errno.ENOSPC)
+        self._zero_range(offset, length, trim=False)
         self.counters.zero_bytes += length
-        try:
-            self._zero_range(offset, length, trim=False)
-        except RemotePageError:
-            self.counters.zero_bytes -= length  # not served: the a* path counts it
-            raise
 
     def flush(self) -> None:
         """Make completed writes durable in the backing file (NBD FLUSH / FUA)."""
@@ -627,12 +617,9 @@ class BlockDevice:
     def read_extents(self, offset: int, length: int) -> list[bytes | int]:
         """:meth:`read` as pages and hole lengths (ints), for zero-copy NBD replies."""
         self._check(offset, length, errno.EINVAL)
+        extents = self._read_extents(offset, length)
         self.counters.read_bytes += length
-        try:
-            return self._read_extents(offset, length)
-        except RemotePageError:
-            self.counters.read_bytes -= length  # not served: the a* path counts it
-            raise
+        return extents
 
     async def aread_extents(self, offset: int, length: int) -> list[bytes | int]:
         """:meth:`read_extents` in chunks, yielding to the loop between them."""
@@ -653,12 +640,9 @@ class BlockDevice:
     def read_runs(self, offset: int, length: int) -> list[list[Buffer] | int]:
         """:meth:`read_extents` with data runs as lists of buffers (nothing joined)."""
         self._check(offset, length, errno.EINVAL)
+        runs = self._read_runs(offset, length)
         self.counters.read_bytes += length
-        try:
-            return self._read_runs(offset, length)
-        except RemotePageError:
-            self.counters.read_bytes -= length  # not served: the a* path counts it
-            raise
+        return runs
 
     async def awrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """:meth:`write` in chunks, yielding to the loop between them."""
