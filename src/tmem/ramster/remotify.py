@@ -42,7 +42,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from tmem.errors import RemotePageError, TmemError, UnknownPoolError
 from tmem.zcache import LOCAL_CLIENT, Oid, PutResult, Zcache, ZombiePage
@@ -53,6 +53,7 @@ from .policy import TargetPolicy
 log = logging.getLogger("tmem.ramster.remotify")
 
 Key = tuple[int, Oid, int]  # (pool_id, oid, index) in the owner's numbering
+_Q = TypeVar("_Q")  # a queued flush: a page Key or a (pool_id, oid)
 Blob = tuple[bytes, bool]  # a page's stored form: (data, compressed)
 
 
@@ -127,6 +128,15 @@ class Counters:
     writes_failed_nomem: int = 0
     remotify_runs: int = 0
     stale_remotify_discarded: int = 0
+
+
+def _mark_failed(queue: dict[_Q, bool], sent: list[_Q]) -> int:
+    """Mark the queued flushes of a failed send; return how many failed for the first
+    time (each flush counts as failed once, however often it is retried)."""
+    first = [key for key in sent if queue.get(key) is False]
+    for key in first:
+        queue[key] = True
+    return len(first)
 
 
 @dataclass(slots=True)
@@ -463,16 +473,9 @@ class PageEngine:
                         box.destroy_pools.pop(p, None)
                     self.c.remote_pools_destroyed += len(pools)
             except PeerError:
-                # Each flush counts as failed once, at the first send of it that fails;
-                # flushes queued behind the failed send were not tried. All stay queued.
-                for k in chunk:
-                    if box.flush_pages.get(k) is False:
-                        box.flush_pages[k] = True
-                        self.c.remote_page_flushes_failed += 1
-                for o in sending:
-                    if box.flush_objects.get(o) is False:
-                        box.flush_objects[o] = True
-                        self.c.remote_object_flushes_failed += 1
+                # Flushes queued behind the failed send were not tried. All stay queued.
+                self.c.remote_page_flushes_failed += _mark_failed(box.flush_pages, chunk)
+                self.c.remote_object_flushes_failed += _mark_failed(box.flush_objects, sending)
 
     def _victims(self, limit: int) -> list[ZombiePage]:
         """Zombify LRU frames until ``limit`` local pages are collected.
