@@ -5,11 +5,12 @@ Invariants checked after every step:
   or, once written back, is what the writeback target was given;
 * an ephemeral get returns the page last put under that handle or None, never another
   page's data, and a hit removes it;
-* every frame of the budget is held exactly once: on the free stack, by zbud, or
-  staged by compress-behind (``Zcache.check_frames`` walks the structures themselves);
+* no frame of the budget is held twice, every stored page is mapped by exactly its tmem
+  entry and sits on its LRU (``Zcache.check_frames`` walks the structures themselves);
 * counters agree with what is stored.
 
-Runs differ in budget (8 frames: constant reclaim; 24), huge pages, writeback (none, a
+Runs differ in allocator (zsmalloc, zbud), budget (8 frames: constant reclaim; 24),
+huge pages, writeback (none, a
 target that takes every page, one that refuses them) and compress-behind. Half the runs
 use compress-behind: persistent puts are staged raw and compressed by
 ``compact()`` (a rule here) or by a put that needs the frame.
@@ -24,7 +25,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from tmem import Zcache
-from tmem.zbud import EPH, F_STAGED, PERS
+from tmem.pagetable import P_LIVE, P_STAGED
+from tmem.zbud import EPH, PERS
 
 PAGE = 4096
 
@@ -61,8 +63,11 @@ class ZcacheMachine(RuleBasedStateMachine):
         huge=st.booleans(),
         behind=st.booleans(),
         writeback=st.sampled_from([None, True, False]),
+        allocator=st.sampled_from(["zsmalloc", "zbud"]),
     )
-    def setup(self, frames: int, huge: bool, behind: bool, writeback: bool | None) -> None:
+    def setup(
+        self, frames: int, huge: bool, behind: bool, writeback: bool | None, allocator: str
+    ) -> None:
         # 8 frames: puts keep reclaiming (eviction, writeback, failed puts); 24: room to
         # stage and to pair zbuds
         # writeback: None = no target; True = this machine takes every page; False = it
@@ -73,6 +78,7 @@ class ZcacheMachine(RuleBasedStateMachine):
             huge_pages=huge,
             compress_behind=behind,
             writeback=None if writeback is None else self,
+            allocator=allocator,
         )
         self.zc.stage_reserve = frames // 3  # stage most of the small budget
         self.eph = self.zc.new_pool()
@@ -219,14 +225,18 @@ class ZcacheMachine(RuleBasedStateMachine):
         zc = self.zc
         assert zc.check_frames() == []
         stats = zc.stats()
-        zb = zc.zbud.counters
-        held = zc.zbud.frames_held()
-        for cls in (EPH, PERS):  # the counters agree with the frame table, class by class
-            kinds = [kind for f, kind in held.items() if zc.zbud.cls[f] == cls]
-            assert zb[cls].pageframes == len(kinds)
-            assert zb[cls].buddied_count == kinds.count("buddied")
-            assert zb[cls].unbuddied_count == kinds.count("unbuddied")
-            assert zb[cls].zombie_count == kinds.count("zombie") == 0  # all unzombified
+        held = zc.allocator.frames_held()
+        assert len(held) == zc.frames_used
+        if zc.allocator.name == "zbud":  # the counters agree with the frame table
+            zb = zc.allocator.counters
+            for cls in (EPH, PERS):
+                kinds = [k for f, k in held.items() if zc.allocator.cls[f] == cls]
+                assert zb[cls].pageframes == len(kinds)
+                assert zb[cls].buddied_count == kinds.count("buddied")
+                assert zb[cls].unbuddied_count == kinds.count("unbuddied")
+                assert zb[cls].zombie_count == kinds.count("zombie") == 0  # unzombified
+            assert zb[PERS].zpages <= 2 * zb[PERS].pageframes
+        assert stats["zombie_pages"] == 0
         local = sum(zc.lookup(self.pers, *k) is not None for k in self.pers_model)
         assert local == zc.pool_pages(self.pers)  # zcache holds no page the model lacks
         assert stats["pers_zpages"] == local
@@ -234,11 +244,11 @@ class ZcacheMachine(RuleBasedStateMachine):
             assert local == len(self.pers_model)
         assert stats["writtenback_pages"] == self.written_back
         assert stats["eph_zpages"] <= len(self.eph_model)
-        assert zb[EPH].pageframes + zb[PERS].pageframes == zc.frames_used
-        assert zb[PERS].zpages <= 2 * zb[PERS].pageframes
-        stored_pages = sum(len(p) for pool in zc.tmem.pools() for p in pool.objects.values())
+        stored_pages = sum(pool.page_count() for pool in zc.tmem.pools())
         assert stored_pages == stats["stored_pages"]
-        staged = sum(1 for f in range(zc.frames_total) if zc.zbud.flags[f] & F_STAGED)
+        flags = zc.pages.flags
+        both = P_LIVE | P_STAGED
+        staged = sum(1 for h in range(zc.pages.cap) if flags[h] & both == both)
         assert stats["staged_pages"] == staged == zc.staged_pages
 
 

@@ -28,6 +28,11 @@ class FrameSource(Protocol):
     """The pageframes an allocator may use, lent by their owner (zcache's arena)."""
 
     @property
+    def frames_total(self) -> int:
+        """Frames in the arena (the most there can ever be)."""
+        ...
+
+    @property
     def memory(self) -> memoryview:
         """The whole arena, writable; frame ``f`` is bytes ``f*4096 .. (f+1)*4096``."""
         ...
@@ -50,6 +55,9 @@ class Allocator(Protocol):
 
     name: str
     max_size: int  # the largest object it stores (4096: a raw page)
+    # zbud pairs pages, so zcache refuses a persistent page when the mean stored size
+    # would pass this (the seed's rule); allocators that do not pair say max_size.
+    max_mean_size: int
 
     def alloc(self, size: int, cls: int) -> int:
         """A handle for ``size`` (1..max_size) bytes of class ``cls`` (EPH or PERS), or
@@ -75,6 +83,10 @@ class Allocator(Protocol):
     def restore(self, handle: int) -> None:
         """Undo :meth:`lru_victims` for the unit holding ``handle`` (e.g. a peer refused
         the page): it is on the LRU again."""
+        ...
+
+    def note_evicted(self, cls: int) -> None:
+        """Its user evicted (freed) one unit :meth:`lru_victims` handed out (counters)."""
         ...
 
     def compact(self, max_moves: int) -> int:

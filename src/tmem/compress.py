@@ -77,7 +77,9 @@ def _lzo() -> Compressor:
             page = bytes(page)
         return compress(page, 1, False)  # type: ignore[no-any-return]
 
-    def d(data: bytes) -> bytes:
+    def d(data: Buffer) -> bytes:
+        if type(data) is not bytes:  # an arena view: python-lzo wants read-only bytes
+            data = bytes(data)
         out: bytes = decompress(data, False, PAGE_SIZE)
         if len(out) != PAGE_SIZE:
             raise ValueError("lzo: decompressed page has the wrong size")

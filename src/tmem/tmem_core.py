@@ -1,20 +1,28 @@
 """tmem core: pools -> objects (192-bit oid) -> page index -> pampd.
 
 The core never touches page data (kernel-zcache2.md section 1). A backend creates a
-pampd (an opaque handle: an int for a local zbud, a negative int for a same-filled
-page, any other object for a page that lives on another node) and the core maps a
-handle ``(pool, oid, index)`` to it. When the core drops a pampd (flush, duplicate put,
-object flush, pool destroy) it hands it to the backend's :meth:`PamOps.free`.
+pampd (an opaque handle: a non-negative int for a page it stores, a negative int for a
+same-filled page, any other object for a page that lives on another node) and the core
+maps a handle ``(pool, oid, index)`` to it. When the core drops a pampd (flush,
+duplicate put, object flush, pool destroy) it hands it to the backend's
+:meth:`PamOps.free`.
 
-The kernel's 256 hash buckets of red-black trees, each object holding a 64-way radix
-tree, become one dict of objects per pool and one dict of pages per object: the same
-behaviour (cheap object and pool flushes, an object disappears with its last page) with
-far less Python overhead.
+The kernel's objects hold a 64-way radix tree of machine words; here an object holds a
+dict of 64-slot ``array`` nodes (4 bytes a slot), so a block device or a swap area (one
+object of millions of consecutive indexes) costs about 5 bytes per page and no Python
+object per page. A pampd that does not fit a slot (a remote one, a large negative one)
+is kept in the object's small ``extra`` dict, its slot marked :data:`EXTRA`.
+
+Each object also has a number (:attr:`Obj.num`), so a backend can name a page by two
+small ints (object number, index) in its own per-page columns and find its way back
+(reclaim) through :meth:`Tmem.obj`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+from array import array
+from collections.abc import Callable, Iterator
 from typing import Any, Final, Protocol
 
 from tmem.errors import InvalidHandleError, PoolLimitError, UnknownPoolError
@@ -28,6 +36,19 @@ U64_MAX = (1 << 64) - 1
 U32_MAX: Final = (1 << 32) - 1
 INVALID_OID: Oid = (U64_MAX, U64_MAX, U64_MAX)
 
+NODE_SHIFT: Final = 6
+NODE_SLOTS: Final = 1 << NODE_SHIFT  # 64 slots a node, as the kernel's objnode
+NODE_MASK: Final = NODE_SLOTS - 1
+EMPTY: Final = -1  # a slot with no page
+EXTRA: Final = -(1 << 31)  # the pampd is in Obj.extra
+SLOT_MIN: Final = EXTRA + 1  # slots hold pampds in SLOT_MIN + 1 .. 2**31 - 1, shifted
+SLOT_MAX: Final = (1 << 31) - 1
+_EMPTY_NODE: Final = array("i", [EMPTY]) * NODE_SLOTS
+# Bytes one node costs (array header + 64 slots + its entry in the nodes dict, about).
+NODE_BYTES: Final = sys.getsizeof(array("i", _EMPTY_NODE)) + 40
+OBJ_BYTES: Final = 72 + 64 + 64 + 100  # Obj, its oid tuple, its nodes dict, objects entry
+EXTRA_BYTES: Final = 100  # an extra dict entry, its int key and a share of the dict
+
 
 class PamOps(Protocol):
     """What the core asks of the backend that owns the data."""
@@ -37,10 +58,181 @@ class PamOps(Protocol):
         ...
 
 
+def _to_slot(pampd: Pampd) -> int:
+    """The slot value for ``pampd``, or EXTRA when it must go to the extra dict.
+
+    Non-negative ints are stored as they are; negative ones one lower, so that -1 can
+    mean an empty slot."""
+    if type(pampd) is int:
+        if 0 <= pampd <= SLOT_MAX:
+            return pampd
+        if SLOT_MIN < pampd < 0:
+            return pampd - 1
+    return EXTRA
+
+
+class Obj:
+    """One tmem object: its pages' pampds, by index, in 64-slot array nodes."""
+
+    __slots__ = ("count", "extra", "nodes", "num", "oid", "pool")
+
+    def __init__(self, pool: Pool, oid: Oid, num: int) -> None:
+        self.pool = pool
+        self.oid = oid
+        self.num = num
+        self.count = 0  # pages mapped
+        self.nodes: dict[int, array[int]] = {}
+        self.extra: dict[int, Pampd] | None = None
+
+    def get(self, index: int) -> Pampd | None:
+        node = self.nodes.get(index >> NODE_SHIFT)
+        if node is None:
+            return None
+        slot = node[index & NODE_MASK]
+        if slot >= 0:
+            return slot
+        if slot == EMPTY:
+            return None
+        if slot == EXTRA:
+            assert self.extra is not None
+            return self.extra[index]
+        return slot + 1
+
+    def slot(self, index: int) -> int:
+        """The raw slot: a stored int pampd >= 0 as it is; EMPTY; or < EMPTY for others
+        (decode with :meth:`get`). The hot paths' cheap look."""
+        node = self.nodes.get(index >> NODE_SHIFT)
+        return EMPTY if node is None else node[index & NODE_MASK]
+
+    def set(self, index: int, pampd: Pampd) -> Pampd | None:
+        """Map ``index`` to ``pampd``; return the pampd it replaced, or None."""
+        key = index >> NODE_SHIFT
+        node = self.nodes.get(key)
+        if node is None:
+            node = self.nodes[key] = array("i", _EMPTY_NODE)
+            self.pool.tmem_nodes += 1
+        pos = index & NODE_MASK
+        old_slot = node[pos]
+        old: Pampd | None
+        if old_slot >= 0:
+            old = old_slot
+        elif old_slot == EMPTY:
+            old = None
+            self.count += 1
+        elif old_slot == EXTRA:
+            assert self.extra is not None
+            old = self.extra.pop(index)
+            self.pool.tmem_extras -= 1
+        else:
+            old = old_slot + 1
+        new_slot = _to_slot(pampd)
+        if new_slot == EXTRA:
+            if self.extra is None:
+                self.extra = {}
+            self.extra[index] = pampd
+            self.pool.tmem_extras += 1
+        node[pos] = new_slot
+        return old
+
+    def set_handle(self, index: int, handle: int) -> int:
+        """:meth:`set` for a non-negative int pampd (0..2**31-1), returning the old raw
+        slot: the put hot path. The caller decodes an old slot < EMPTY with
+        :meth:`decode_old`, which it must call before anything else changes the object."""
+        key = index >> NODE_SHIFT
+        node = self.nodes.get(key)
+        if node is None:
+            node = self.nodes[key] = array("i", _EMPTY_NODE)
+            self.pool.tmem_nodes += 1
+        pos = index & NODE_MASK
+        old = node[pos]
+        node[pos] = handle
+        if old == EMPTY:
+            self.count += 1
+        return old
+
+    def decode_old(self, index: int, old_slot: int) -> Pampd:
+        """The pampd an old slot < EMPTY (from :meth:`set_handle`) stood for."""
+        if old_slot == EXTRA:
+            assert self.extra is not None
+            self.pool.tmem_extras -= 1
+            return self.extra.pop(index)
+        return old_slot + 1
+
+    def pop(self, index: int) -> Pampd | None:
+        """Unmap ``index``; return its pampd (None if there was none)."""
+        key = index >> NODE_SHIFT
+        node = self.nodes.get(key)
+        if node is None:
+            return None
+        pos = index & NODE_MASK
+        slot = node[pos]
+        if slot == EMPTY:
+            return None
+        node[pos] = EMPTY
+        self.count -= 1
+        if slot >= 0:
+            out: Pampd = slot
+        elif slot == EXTRA:
+            assert self.extra is not None
+            out = self.extra.pop(index)
+            self.pool.tmem_extras -= 1
+        else:
+            out = slot + 1
+        if node == _EMPTY_NODE:
+            del self.nodes[key]
+            self.pool.tmem_nodes -= 1
+        return out
+
+    def items(self) -> Iterator[tuple[int, Pampd]]:
+        """(index, pampd) of every page, in index order within each node."""
+        for key, node in list(self.nodes.items()):
+            base = key << NODE_SHIFT
+            for pos, slot in enumerate(node):
+                if slot == EMPTY:
+                    continue
+                index = base + pos
+                if slot >= 0:
+                    yield index, slot
+                elif slot == EXTRA:
+                    assert self.extra is not None
+                    yield index, self.extra[index]
+                else:
+                    yield index, slot + 1
+
+    def run(self, first: int, count: int) -> list[int]:
+        """The raw slots of ``count`` consecutive indexes from ``first`` (EMPTY where no
+        page): a block device read looks up a run at once."""
+        out: list[int] = []
+        index = first
+        end = first + count
+        nodes = self.nodes
+        while index < end:
+            key = index >> NODE_SHIFT
+            pos = index & NODE_MASK
+            take = min(NODE_SLOTS - pos, end - index)
+            node = nodes.get(key)
+            if node is None:
+                out.extend([EMPTY] * take)
+            else:
+                out.extend(node[pos : pos + take])
+            index += take
+        return out
+
+
 class Pool:
     """A tmem pool: ephemeral (may drop pages) or persistent (keeps what it accepted)."""
 
-    __slots__ = ("client", "objects", "persistent", "pool_id", "shared", "users", "uuid")
+    __slots__ = (
+        "client",
+        "objects",
+        "persistent",
+        "pool_id",
+        "shared",
+        "tmem_extras",
+        "tmem_nodes",
+        "users",
+        "uuid",
+    )
 
     def __init__(
         self, client: int, pool_id: int, persistent: bool, shared: bool, uuid: bytes | None
@@ -51,10 +243,18 @@ class Pool:
         self.shared = shared
         self.uuid = uuid
         self.users = 1  # shared pools: how many new_pool calls named this uuid
-        self.objects: dict[Oid, dict[int, Pampd]] = {}
+        self.objects: dict[Oid, Obj] = {}
+        self.tmem_nodes = 0  # index nodes of all its objects (for metadata counts)
+        self.tmem_extras = 0  # pampds kept in its objects' extra dicts
 
     def page_count(self) -> int:
-        return sum(len(pages) for pages in self.objects.values())
+        return sum(obj.count for obj in self.objects.values())
+
+    def items(self) -> Iterator[tuple[Oid, int, Pampd]]:
+        """(oid, index, pampd) of every page (a snapshot per object)."""
+        for oid, obj in list(self.objects.items()):
+            for index, pampd in list(obj.items()):
+                yield oid, index, pampd
 
     def __repr__(self) -> str:
         kind = "persistent" if self.persistent else "ephemeral"
@@ -84,7 +284,7 @@ def check_index(index: object) -> int:
 
 
 class Tmem:
-    """The pool table and the handle -> pampd map."""
+    """The pool table, the handle -> pampd map and the object numbers."""
 
     def __init__(self, pamops: PamOps) -> None:
         self.pamops = pamops
@@ -92,6 +292,8 @@ class Tmem:
         self._shared: dict[tuple[int, bytes], Pool] = {}
         self.local = self.clients[LOCAL_CLIENT]
         self.local_by_id: dict[int, Pool] = {}  # the hot paths' view of the local pools
+        self._objs: list[Obj | None] = []  # by object number
+        self._free_nums = array("i")
 
     # ---- pools -----------------------------------------------------------------------
 
@@ -172,31 +374,74 @@ class Tmem:
             self._shared.pop((pool.client, pool.uuid), None)
         return count
 
+    # ---- objects ---------------------------------------------------------------------
+
+    def obj_for_put(self, pool: Pool, oid: Oid) -> Obj:
+        """The object ``oid`` of ``pool``, created (numbered) if it has no page yet."""
+        obj = pool.objects.get(oid)
+        if obj is None:
+            if self._free_nums:
+                num = self._free_nums.pop()
+                obj = Obj(pool, oid, num)
+                self._objs[num] = obj
+            else:
+                num = len(self._objs)
+                obj = Obj(pool, oid, num)
+                self._objs.append(obj)
+            pool.objects[oid] = obj
+        return obj
+
+    def drop_if_empty(self, obj: Obj) -> None:
+        """Forget an object with no page left (an object exists while it has pages)."""
+        if obj.count == 0 and obj.pool.objects.get(obj.oid) is obj:
+            del obj.pool.objects[obj.oid]
+            self._release(obj)
+
+    def _release(self, obj: Obj) -> None:
+        self._objs[obj.num] = None
+        self._free_nums.append(obj.num)
+        obj.pool.tmem_nodes -= len(obj.nodes)
+        if obj.extra:
+            obj.pool.tmem_extras -= len(obj.extra)
+
+    def obj(self, num: int) -> Obj | None:
+        """The live object numbered ``num``, or None."""
+        return self._objs[num] if 0 <= num < len(self._objs) else None
+
+    def object_count(self) -> int:
+        return len(self._objs) - len(self._free_nums)
+
+    def metadata_bytes(self) -> int:
+        """Bytes of the index (objects, nodes, extra entries, the tables), from counts:
+        O(pools), cheap enough to ask on the put path now and then."""
+        total = sys.getsizeof(self._objs) + self._free_nums.buffer_info()[1] * 4
+        for pool in self.pools():
+            total += sys.getsizeof(pool.objects) + pool.tmem_nodes * NODE_BYTES
+            total += len(pool.objects) * OBJ_BYTES + pool.tmem_extras * EXTRA_BYTES
+        return total
+
     # ---- pages -----------------------------------------------------------------------
 
     def put(self, pool: Pool, oid: Oid, index: int, pampd: Pampd) -> None:
         """Map the handle to ``pampd``; a previous page under the handle is freed."""
-        pages = pool.objects.get(oid)
-        if pages is None:
-            pool.objects[oid] = {index: pampd}
-            return
-        old = pages.get(index)
-        pages[index] = pampd
+        obj = self.obj_for_put(pool, oid)
+        old = obj.set(index, pampd)
         if old is not None:
             self.pamops.free(pool, oid, index, old)
 
     def lookup(self, pool: Pool, oid: Oid, index: int) -> Pampd | None:
-        pages = pool.objects.get(oid)
-        return None if pages is None else pages.get(index)
+        obj = pool.objects.get(oid)
+        return None if obj is None else obj.get(index)
 
     def remove(self, pool: Pool, oid: Oid, index: int) -> Pampd | None:
         """Unmap the handle without freeing its pampd (the caller owns it now)."""
-        pages = pool.objects.get(oid)
-        if pages is None:
+        obj = pool.objects.get(oid)
+        if obj is None:
             return None
-        pampd = pages.pop(index, None)
-        if not pages:
+        pampd = obj.pop(index)
+        if obj.count == 0:
             del pool.objects[oid]
+            self._release(obj)
         return pampd
 
     def flush_page(self, pool: Pool, oid: Oid, index: int) -> bool:
@@ -207,24 +452,29 @@ class Tmem:
         return True
 
     def flush_object(self, pool: Pool, oid: Oid) -> int:
-        pages = pool.objects.pop(oid, None)
-        if pages is None:
+        obj = pool.objects.pop(oid, None)
+        if obj is None:
             return 0
+        self._release(obj)
         free = self.pamops.free
-        for index, pampd in pages.items():
+        count = 0
+        for index, pampd in list(obj.items()):
             free(pool, oid, index, pampd)
-        return len(pages)
+            count += 1
+        obj.nodes.clear()
+        obj.count = 0
+        return count
 
     def replace(
         self, pool: Pool, oid: Oid, index: int, new: Pampd, expect: Callable[[Pampd], bool]
     ) -> bool:
         """Swap the handle's pampd for ``new`` if ``expect(current)``; free the old one."""
-        pages = pool.objects.get(oid)
-        if pages is None:
+        obj = pool.objects.get(oid)
+        if obj is None:
             return False
-        old = pages.get(index)
+        old = obj.get(index)
         if old is None or not expect(old):
             return False
-        pages[index] = new
+        obj.set(index, new)
         self.pamops.free(pool, oid, index, old)
         return True

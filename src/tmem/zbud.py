@@ -1,74 +1,65 @@
 """zbud: up to two compressed pages ("zbuds") per 4096-byte pageframe.
 
-Behaviour follows the zcache2 zbud (kernel-zcache2.md section 3), adapted to Python:
+Behaviour follows the zcache2 zbud (kernel-zcache2.md section 3), behind the allocator
+interface (:mod:`tmem.allocator`):
 
-* zbud never obtains or frees pageframes. The caller (zcache) owns the arena and hands
-  a free frame number to :meth:`Zbud.create`; :meth:`Zbud.free` and
-  :meth:`Zbud.evict_lru` hand frame numbers back when they empty.
+* zbud never owns pageframes: it takes one from its :class:`FrameSource` (zcache's
+  arena) when no partial frame has room, and gives it back when it empties. When the
+  source refuses, :meth:`Zbud.alloc` fails and zcache reclaims.
 * Frames are split into 64-byte chunks. Buddy 0 starts at the frame's first byte,
-  buddy 1 is right-justified to the frame's end. Each buddy is stored as
-  ``[32-byte tmem handle][compressed bytes]`` so a frame can be reclaimed (evicted,
-  zombified) by reading the handles out of the frame, without walking tmem.
+  buddy 1 is right-justified to the frame's end. zcache keeps each page's tmem handle
+  in its own per-page columns, so a frame holds only data: up to 4032 bytes a buddy.
+  An object of more than 4032 bytes takes a frame alone ("huge").
 * Each class (0 = ephemeral, 1 = persistent) has its own unbuddied lists (list *i* =
-  frames holding one zbud of *i* chunks) and its own LRU queue. Placement is best fit:
-  the fullest unbuddied frame that still has room, found in O(1) through a bitmask of
-  non-empty lists instead of the kernel's linear scan.
+  frames holding one zbud of *i* chunks) and its own frame LRU, the seed's reclaim unit:
+  :meth:`Zbud.lru_victims` hands out both buddies of the LRU frame. Placement is best
+  fit: the fullest unbuddied frame that still has room, found in O(1) through a bitmask
+  of non-empty lists instead of the kernel's linear scan.
 * A frame moves to the MRU end when a zbud is added to it, not when one is removed, so
   hard-to-buddy frames age out first (as in the kernel).
-* Python runs a put or an eviction to completion without interleaving, so the kernel's
-  "unevictable" hold and "dying" state are not needed. Zombie frames are kept: a
-  zombified page stays readable while it is written back or sent to a peer.
+* A frame handed out by :meth:`lru_victims` is a zombie: its data stays readable while
+  it is written back or sent to a peer, nothing new lands in it, and it goes back to the
+  source once its last zbud is freed (or to the LRU through :meth:`restore`).
 
-Data structures, chosen for puts per second and bytes per page (measured, see
-benchmarks/): per-frame columns in ``array`` (about 15 bytes per frame); the LRU is a
-queue of ``stamp << 32 | frame`` entries where only the entry matching the frame's
-current stamp counts (a touch appends, nothing is unlinked; stale entries are skipped
-at the head and compacted away when they pile up); unbuddied lists are stacks with
-the same lazy deletion (``where[frame]`` names the one list a frame is really on).
+Data structures, chosen for puts per second and bytes per page: per-frame columns in
+``array`` (about 15 bytes per frame); the LRU is a queue of ``stamp << 32 | frame``
+entries where only the entry matching the frame's current stamp counts (a touch
+appends, nothing is unlinked; stale entries are skipped at the head and compacted away
+when they pile up); unbuddied lists are stacks with the same lazy deletion
+(``where[frame]`` names the one list a frame is really on).
 
-A pampd (the handle tmem stores) for a zbud is the int ``frame << 1 | buddy``.
+A handle for a zbud is the int ``frame << 1 | buddy``.
 """
 
 from __future__ import annotations
 
 import itertools
-import struct
 from array import array
 from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
-PAGE_SIZE: Final = 4096
+from tmem.allocator import EPH, PAGE_SIZE, PERS, FrameSource
+
+__all__ = ["EPH", "MAX_BUDDY_SIZE", "PERS", "Zbud", "chunks"]
+
 CHUNK_SHIFT: Final = 6
 CHUNK_SIZE: Final = 1 << CHUNK_SHIFT  # 64
 NCHUNKS: Final = PAGE_SIZE >> CHUNK_SHIFT  # 64
 MAX_CHUNK: Final = NCHUNKS - 1  # 63
-HANDLE = struct.Struct("<QQQIHH")  # oid[0..2], index, pool id, client id
-HANDLE_SIZE: Final = HANDLE.size  # 32
-MAX_BUDDY_SIZE: Final = MAX_CHUNK * CHUNK_SIZE - HANDLE_SIZE  # 4000 bytes of compressed data
-
-EPH: Final = 0
-PERS: Final = 1
+MAX_BUDDY_SIZE: Final = MAX_CHUNK * CHUNK_SIZE  # 4032: two buddies need one chunk apart
 
 # frame flags
 F_USED: Final = 1
 F_ZOMBIE: Final = 2
-F_HUGE: Final = 4  # one raw (uncompressed) page fills the whole frame; handle kept aside
-F_STAGED: Final = 8  # with F_HUGE: a raw page not compressed yet (zcache's compress-behind)
-# One-element columns that stage_run repeats to fill a run of frames.
-_STAGED_FLAGS: Final = array("B", [F_USED | F_HUGE | F_STAGED])
-_PERS_CLS: Final = array("B", [PERS])
-_FULL_SIZE: Final = array("H", [PAGE_SIZE])
+F_HUGE: Final = 4  # one object fills the whole frame
 
 _FRAME_MASK: Final = (1 << 32) - 1
-_NO_FRAMES: array[int] = array("i")
-# _FITS[stored] = bitmask of the unbuddied lists i (one zbud of i chunks) that leave
-# room for a zbud of ``stored`` bytes: i <= NCHUNKS - chunks(stored).
+# _FITS[size] = bitmask of the unbuddied lists i (one zbud of i chunks) that leave room
+# for a zbud of ``size`` bytes: i <= NCHUNKS - chunks(size).
 _FITS = tuple(
     (2 << (NCHUNKS - ((s + CHUNK_SIZE - 1) >> CHUNK_SHIFT))) - 1 for s in range(PAGE_SIZE + 1)
 )
-
-Handle = tuple[int, int, int, int, int, int]  # oid0, oid1, oid2, index, pool id, client
 
 
 @dataclass(slots=True)
@@ -83,8 +74,7 @@ class ClassCounters:
     evicted_pageframes: int = 0
     zombie_count: int = 0  # zombie frames
     zombie_zpages: int = 0  # zpages inside zombie frames
-    huge_count: int = 0  # frames holding one raw page (staged ones included)
-    staged_count: int = 0  # raw frames waiting for compression (compress-behind)
+    huge_count: int = 0  # frames holding one object alone
     zpages_max: int = 0  # high-water marks, noted whenever a count is about to drop
     pageframes_max: int = 0
 
@@ -107,21 +97,24 @@ class ClassCounters:
             self.pageframes_max = self.pageframes
 
 
-def chunks(stored_size: int) -> int:
-    """Chunks needed for a zbud of ``stored_size`` bytes (handle included)."""
-    return (stored_size + CHUNK_SIZE - 1) >> CHUNK_SHIFT
+def chunks(size: int) -> int:
+    """Chunks needed for a zbud of ``size`` bytes."""
+    return (size + CHUNK_SIZE - 1) >> CHUNK_SHIFT
 
 
 class Zbud:
-    """The zbud allocator over a caller-owned arena of ``nframes`` pageframes."""
+    """The zbud allocator over the frames of a :class:`FrameSource`."""
 
-    def __init__(self, arena: memoryview, nframes: int) -> None:
-        if len(arena) < nframes * PAGE_SIZE:
-            raise ValueError("arena smaller than nframes pageframes")
-        self.arena = arena
-        self.nframes = nframes
+    name = "zbud"
+    max_size = PAGE_SIZE
+    max_mean_size = PAGE_SIZE * 5 // 8  # 2560: past it, pages stop pairing
+
+    def __init__(self, frames: FrameSource) -> None:
+        self.frames = frames
+        self.arena = frames.memory
+        nframes = self.nframes = frames.frames_total
         zeros2 = bytes(2 * nframes)
-        self.size0 = array("H", zeros2)  # stored size incl. handle, 0 = empty
+        self.size0 = array("H", zeros2)  # zbud size in bytes, 0 = empty
         self.size1 = array("H", zeros2)
         self.flags = array("B", bytes(nframes))
         self.cls = array("B", bytes(nframes))
@@ -137,7 +130,6 @@ class Zbud:
             [[] for _ in range(NCHUNKS)],
         )
         self.unbuddied_mask = [0, 0]  # bit i set <=> unbuddied stack i may hold entries
-        self.huge_handles: dict[int, Handle] = {}
         self.counters: tuple[ClassCounters, ...] = (ClassCounters(), ClassCounters())
 
     # ---- LRU and unbuddied stacks ----------------------------------------------------
@@ -208,28 +200,21 @@ class Zbud:
 
     # ---- placement -------------------------------------------------------------------
 
-    def store(
-        self,
-        cls: int,
-        data: bytes,
-        free_frames: array[int],
-        oid0: int,
-        oid1: int,
-        oid2: int,
-        index: int,
-        pool_id: int,
-        client: int,
-    ) -> int:
-        """Place ``data`` (len <= MAX_BUDDY_SIZE) and return its pampd, or -1.
+    def alloc(self, size: int, cls: int) -> int:
+        """A handle for ``size`` bytes of class ``cls``, or -1 (no frame to be had).
 
-        Best fit first: the fullest partial frame of ``cls`` with room. Otherwise a frame
-        zcache handed over on its ``free_frames`` stack becomes a new unbuddied frame.
-        -1 when neither exists (zcache then reclaims a frame and calls :meth:`create`).
+        Best fit first: the fullest partial frame of ``cls`` with room. Otherwise a new
+        frame from the source becomes an unbuddied frame (or a huge one, over 4032 B).
         This is the put hot path, so it is one flat function.
         """
-        stored = len(data) + HANDLE_SIZE
+        if size > MAX_BUDDY_SIZE:
+            if size > PAGE_SIZE or size < 1:
+                raise ValueError(f"zbud stores 1..{PAGE_SIZE} bytes, not {size}")
+            return self._alloc_huge(size, cls)
+        if size < 1:
+            raise ValueError(f"zbud stores 1..{PAGE_SIZE} bytes, not {size}")
         mask = self.unbuddied_mask[cls]
-        fits = mask & _FITS[stored]
+        fits = mask & _FITS[size]
         if fits:
             i = fits.bit_length() - 1
             stack = self.unbuddied[cls][i]
@@ -237,36 +222,30 @@ class Zbud:
             if not stack:
                 self.unbuddied_mask[cls] = mask & ~(1 << i)
             if self.where[frame] != i | cls << 6:
-                frame = self._pop_fit(cls, stored)
+                frame = self._pop_fit(cls, size)
         else:
             frame = -1
         if frame >= 0:  # second buddy of a partial frame
             self.where[frame] = 0
             if self.size0[frame] == 0:
-                self.size0[frame] = stored
-                off = frame * PAGE_SIZE
-                pampd = frame << 1
+                self.size0[frame] = size
+                handle = frame << 1
             else:
-                self.size1[frame] = stored
-                off = (frame + 1) * PAGE_SIZE - ((stored + CHUNK_SIZE - 1) & -CHUNK_SIZE)
-                pampd = frame << 1 | 1
-        elif free_frames:  # first buddy of a fresh frame
-            frame = free_frames.pop()  # an empty frame: both sizes are already 0
+                self.size1[frame] = size
+                handle = frame << 1 | 1
+        else:  # first buddy of a fresh frame
+            frame = self.frames.take(1)
+            if frame < 0:
+                return -1
             self.flags[frame] = F_USED
             self.cls[frame] = cls
-            self.size0[frame] = stored
-            i = (stored + CHUNK_SIZE - 1) >> CHUNK_SHIFT
+            self.size0[frame] = size
+            i = (size + CHUNK_SIZE - 1) >> CHUNK_SHIFT
             self.unbuddied[cls][i].append(frame)
             self.where[frame] = i | cls << 6
             self.unbuddied_mask[cls] |= 1 << i
             self.counters[cls].pageframes += 1
-            off = frame * PAGE_SIZE
-            pampd = frame << 1
-        else:
-            return -1
-        arena = self.arena
-        HANDLE.pack_into(arena, off, oid0, oid1, oid2, index, pool_id, client)
-        arena[off + HANDLE_SIZE : off + stored] = data
+            handle = frame << 1
         seq = next(self._seq)
         self.stamp[frame] = seq  # adding a zbud makes the frame most recently used
         self.lru[cls].append(seq << 32 | frame)
@@ -274,34 +253,17 @@ class Zbud:
             self._maybe_compact()
         c = self.counters[cls]
         c.zpages += 1
-        clen = stored - HANDLE_SIZE
-        c.zbytes += clen
+        c.zbytes += size
         c.cumul_zpages += 1
-        c.cumul_zbytes += clen
-        return pampd
+        c.cumul_zbytes += size
+        return handle
 
-    def match(self, cls: int, handle: Handle, data: bytes) -> int:
-        """Place ``data`` into the fullest partial frame of ``cls`` with room, or -1."""
-        return self.store(cls, data, _NO_FRAMES, *handle)
-
-    def create(self, cls: int, frame: int, handle: Handle, data: bytes) -> int:
-        """Start using the empty ``frame`` with ``data`` as buddy 0; return its pampd.
-
-        The caller has found no partial frame with room (or wants a fresh frame).
-        """
-        mask = self.unbuddied_mask[cls]
-        self.unbuddied_mask[cls] = 0  # hide partial frames for this one placement
-        try:
-            return self.store(cls, data, array("i", (frame,)), *handle)
-        finally:
-            self.unbuddied_mask[cls] |= mask
-
-    def _pop_fit(self, cls: int, stored: int) -> int:
+    def _pop_fit(self, cls: int, size: int) -> int:
         """Pop the best-fitting live unbuddied frame, skipping stale stack entries."""
         where = self.where
         while True:
             mask = self.unbuddied_mask[cls]
-            fits = mask & _FITS[stored]
+            fits = mask & _FITS[size]
             if not fits:
                 return -1
             i = fits.bit_length() - 1
@@ -315,133 +277,62 @@ class Zbud:
                     return f
             self.unbuddied_mask[cls] = mask & ~(1 << i)
 
-    def create_huge(self, cls: int, frame: int, handle: Handle, page: bytes | memoryview) -> int:
-        """Store an incompressible page raw in the whole ``frame`` (zram's "huge" page).
-
-        The handle cannot share the frame with 4096 raw bytes, so it is kept aside.
-        """
+    def _alloc_huge(self, size: int, cls: int) -> int:
+        """A whole frame for one object (zram's "huge" page: stored raw, mostly)."""
+        frame = self.frames.take(1)
+        if frame < 0:
+            return -1
         c = self.counters[cls]
         self.flags[frame] = F_USED | F_HUGE
         self.cls[frame] = cls
         self.where[frame] = 0
-        self.size0[frame] = PAGE_SIZE
+        self.size0[frame] = size
         self.size1[frame] = 0
-        start = frame * PAGE_SIZE
-        self.arena[start : start + PAGE_SIZE] = page
-        self.huge_handles[frame] = handle
         c.pageframes += 1
         c.huge_count += 1
         c.zpages += 1
-        c.zbytes += PAGE_SIZE
+        c.zbytes += size
         c.cumul_zpages += 1
-        c.cumul_zbytes += PAGE_SIZE
+        c.cumul_zbytes += size
         self._touch(cls, frame)
         return frame << 1
 
-    def stage_run(self, free_frames: array[int], pages: memoryview, count: int) -> list[int]:
-        """Store ``count`` persistent pages of ``pages`` raw, one per frame taken from
-        ``free_frames``, until zcache compresses them (compress-behind); returns the
-        frames, in page order.
-
-        The write hot path of compress-behind, so it does the least it can: a staged
-        frame is a huge frame on no LRU (zcache compacts staged pages before it would
-        write anything back) whose handle zcache keeps per run, not here; the empty
-        frame's other columns are already zero.
-        """
-        flags, cls, size0, arena = self.flags, self.cls, self.size0, self.arena
-        # Take the frames off the top of the stack in one slice (pop() parses arguments
-        # on every call), in ascending order: the stack often holds consecutive frames
-        # (a fresh arena; a staged run rewritten or flushed before it was compacted),
-        # and then the whole run is one memcpy and three column fills, not a loop.
-        top = len(free_frames) - count
-        frames = free_frames[top:].tolist()
-        frames.sort()
-        del free_frames[top:]
-        first = frames[0] if count else 0
-        if count > 1 and frames[count - 1] - first == count - 1:
-            end = first + count
-            arena[first * PAGE_SIZE : end * PAGE_SIZE] = pages[: count * PAGE_SIZE]
-            flags[first:end] = _STAGED_FLAGS * count
-            cls[first:end] = _PERS_CLS * count
-            size0[first:end] = _FULL_SIZE * count
-            done = count
-        else:
-            done = 0
-        for i in range(done, count):
-            frame = frames[i]
-            flags[frame] = F_USED | F_HUGE | F_STAGED
-            cls[frame] = PERS
-            size0[frame] = PAGE_SIZE
-            start = frame * PAGE_SIZE
-            pos = i * PAGE_SIZE
-            arena[start : start + PAGE_SIZE] = pages[pos : pos + PAGE_SIZE]
-        c = self.counters[PERS]
-        c.staged_count += count
-        c.pageframes += count
-        c.huge_count += count
-        c.zpages += count
-        c.zbytes += count * PAGE_SIZE
-        c.cumul_zpages += count
-        c.cumul_zbytes += count * PAGE_SIZE
-        return frames
-
-    def unstage(self, frame: int, handle: Handle) -> None:
-        """A staged page stays raw for good: an ordinary huge page now, on the LRU."""
-        if self.flags[frame] & F_STAGED:
-            self.flags[frame] &= ~F_STAGED
-            self.huge_handles[frame] = handle
-            cls = self.cls[frame]
-            self.counters[cls].staged_count -= 1
-            self._touch(cls, frame)
-
     # ---- reading ---------------------------------------------------------------------
 
-    def span(self, pampd: int) -> tuple[int, int]:
-        """Arena byte range ``(start, end)`` of the stored data (handle excluded)."""
-        frame = pampd >> 1
-        if pampd & 1:
-            stored = self.size1[frame]
-            start = frame * PAGE_SIZE + PAGE_SIZE - ((stored + CHUNK_SIZE - 1) & -CHUNK_SIZE)
-            return start + HANDLE_SIZE, start + stored
+    def span(self, handle: int) -> tuple[int, int]:
+        """Arena byte range ``(start, end)`` of the zbud's bytes."""
+        frame = handle >> 1
+        if handle & 1:
+            size = self.size1[frame]
+            start = frame * PAGE_SIZE + PAGE_SIZE - ((size + CHUNK_SIZE - 1) & -CHUNK_SIZE)
+            return start, start + size
         start = frame * PAGE_SIZE
-        if self.flags[frame] & F_HUGE:
-            return start, start + PAGE_SIZE
-        return start + HANDLE_SIZE, start + self.size0[frame]
+        return start, start + self.size0[frame]
 
-    def is_huge(self, pampd: int) -> bool:
-        return bool(self.flags[pampd >> 1] & F_HUGE)
-
-    def handles(self, frame: int) -> list[tuple[int, Handle]]:
-        """The (pampd, handle) of each occupied buddy of ``frame``."""
-        if self.flags[frame] & F_HUGE:
-            return [(frame << 1, self.huge_handles[frame])]
-        out: list[tuple[int, Handle]] = []
-        base = frame * PAGE_SIZE
+    def handles(self, frame: int) -> list[int]:
+        """The handle of each occupied buddy of ``frame``."""
+        out: list[int] = []
         if self.size0[frame]:
-            out.append((frame << 1, HANDLE.unpack_from(self.arena, base)))
-        s1 = self.size1[frame]
-        if s1:
-            off = base + PAGE_SIZE - ((s1 + CHUNK_SIZE - 1) & -CHUNK_SIZE)
-            out.append((frame << 1 | 1, HANDLE.unpack_from(self.arena, off)))
+            out.append(frame << 1)
+        if self.size1[frame]:
+            out.append(frame << 1 | 1)
         return out
 
     # ---- freeing ---------------------------------------------------------------------
 
-    def free(self, pampd: int) -> int:
-        """Release the zbud ``pampd``. Returns its frame if the frame emptied, else -1.
-
-        An emptied frame leaves every zbud list; the caller owns it again.
-        """
-        frame = pampd >> 1
+    def free(self, handle: int) -> None:
+        """Release the zbud; an emptied frame leaves every list and goes back to the
+        source."""
+        frame = handle >> 1
         flags = self.flags[frame]
         cls = self.cls[frame]
         c = self.counters[cls]
-        if pampd & 1:
-            stored = self.size1[frame]
+        if handle & 1:
+            size = self.size1[frame]
             self.size1[frame] = 0
             other = self.size0[frame]
         else:
-            stored = self.size0[frame]
+            size = self.size0[frame]
             self.size0[frame] = 0
             other = self.size1[frame]
         if c.zpages > c.zpages_max:
@@ -449,10 +340,7 @@ class Zbud:
             if c.pageframes > c.pageframes_max:
                 c.pageframes_max = c.pageframes
         c.zpages -= 1
-        if flags & F_HUGE:
-            c.zbytes -= stored
-        else:
-            c.zbytes -= stored - HANDLE_SIZE
+        c.zbytes -= size
         if flags & F_ZOMBIE:
             c.zombie_zpages -= 1
         if other == 0:
@@ -460,75 +348,39 @@ class Zbud:
                 c.zombie_count -= 1
             if flags & F_HUGE:
                 c.huge_count -= 1
-                if flags & F_STAGED:
-                    c.staged_count -= 1  # zcache keeps staged frames' handles
-                else:
-                    del self.huge_handles[frame]
             self.where[frame] = 0
             self.stamp[frame] = 0
             self.flags[frame] = 0
             c.pageframes -= 1
-            return frame
+            self.frames.give(frame, 1)
+            return
         if not flags & F_ZOMBIE:
             self._push_unbuddied(cls, (other + CHUNK_SIZE - 1) >> CHUNK_SHIFT, frame)
-        return -1
 
-    def _detach(self, frame: int) -> None:
-        """Take a live frame off the LRU and its unbuddied stack (both lazily)."""
-        self.stamp[frame] = 0
-        self.where[frame] = 0
-
-    def evict_lru(self, cls: int = EPH) -> tuple[int, list[tuple[int, Handle]]]:
-        """Evict the least recently used frame of ``cls`` (ephemeral, in the kernel).
-
-        Returns ``(frame, [(pampd, handle)])``: the frame is empty and owned by the
-        caller, who must drop the tmem entries named by the handles without freeing
-        them again. ``(-1, [])`` if the class has no evictable frame.
-        """
-        frame = self._lru_head(cls)
-        if frame < 0:
-            return -1, []
-        self.lru[cls].popleft()
-        found = self.handles(frame)
-        c = self.counters[cls]
-        c.note_max()
-        self._detach(frame)
-        huge = self.flags[frame] & F_HUGE
-        for pampd, _handle in found:
-            stored = self.size1[frame] if pampd & 1 else self.size0[frame]
-            c.zpages -= 1
-            c.zbytes -= stored if huge else stored - HANDLE_SIZE
-        self.size0[frame] = self.size1[frame] = 0
-        if huge:  # staged frames are on no LRU, so never evicted
-            c.huge_count -= 1
-            del self.huge_handles[frame]
-        self.flags[frame] = 0
-        c.pageframes -= 1
-        c.evicted_pageframes += 1
-        return frame, found
-
-    def zombify_lru(self, cls: int) -> tuple[int, list[tuple[int, Handle]]]:
-        """Mark the LRU frame of ``cls`` zombie and return ``(frame, [(pampd, handle)])``.
+    def lru_victims(self, cls: int) -> list[int]:
+        """Zombify the least recently used frame of ``cls``: its handles, or [].
 
         The data stays valid and readable. No new zbud is placed into a zombie frame;
-        it is handed back by :meth:`free` once tmem has dropped all its entries, or
-        returned to service by :meth:`unzombify`. ``(-1, [])`` if the LRU is empty.
+        it goes back to the source once all its zbuds are freed, or to the LRU through
+        :meth:`restore`.
         """
         frame = self._lru_head(cls)
         if frame < 0:
-            return -1, []
+            return []
         self.lru[cls].popleft()
-        self._detach(frame)
+        self.stamp[frame] = 0
+        self.where[frame] = 0
         self.flags[frame] |= F_ZOMBIE
         found = self.handles(frame)
         c = self.counters[cls]
         c.zombie_count += 1
         c.zombie_zpages += len(found)
-        return frame, found
+        return found
 
-    def unzombify(self, frame: int) -> None:
-        """Return a zombie frame that still holds data to the LRU (MRU end) and lists."""
-        if not self.flags[frame] & F_ZOMBIE:
+    def restore(self, handle: int) -> None:
+        """Return the zombie frame holding ``handle`` to the LRU (MRU end) and lists."""
+        frame = handle >> 1
+        if self.flags[frame] & (F_ZOMBIE | F_USED) != F_ZOMBIE | F_USED:
             return
         cls = self.cls[frame]
         c = self.counters[cls]
@@ -540,8 +392,12 @@ class Zbud:
             self._push_unbuddied(cls, (s0 + s1 + CHUNK_SIZE - 1) >> CHUNK_SHIFT, frame)
         self._touch(cls, frame)
 
-    def is_zombie(self, frame: int) -> bool:
-        return bool(self.flags[frame] & F_ZOMBIE)
+    def note_evicted(self, cls: int) -> None:
+        """zcache evicted (freed) the zbuds of one frame lru_victims handed out."""
+        self.counters[cls].evicted_pageframes += 1
+
+    def is_zombie(self, handle: int) -> bool:
+        return bool(self.flags[handle >> 1] & F_ZOMBIE)
 
     def lru_frames(self, cls: int) -> list[int]:
         """Live frames of ``cls`` from least to most recently used (tests, stats)."""
@@ -552,16 +408,20 @@ class Zbud:
             if stamp[e & _FRAME_MASK] == e >> 32 and flags[e & _FRAME_MASK] & F_USED
         ]
 
+    def compact(self, max_moves: int) -> int:
+        """zbud moves nothing: a frame empties when both its buddies are freed."""
+        return 0
+
+    def compactable_frames(self) -> int:
+        return 0
+
     # ---- accounting (tests and debugging; never on the put/get paths) ------------------
 
     def frames_held(self) -> dict[int, str]:
-        """Every frame zbud holds, and as what: "unbuddied", "buddied", "huge", "zombie",
-        or "staged" (a raw page compress-behind has not compressed yet).
+        """Every frame zbud holds, and as what: "unbuddied", "buddied", "huge", "zombie".
 
-        The allocator's side of :meth:`Zcache.check_frames`: read from the frame table
-        alone, never from the counters, so a frame lost or handed out twice shows even
-        when every counter was updated as usual. Any allocator behind zcache reports the
-        frames it holds this way. Walks every frame.
+        Read from the frame table alone, never from the counters, so a frame lost or
+        handed out twice shows even when every counter was updated as usual.
         """
         flags, size0, size1 = self.flags, self.size0, self.size1
         out: dict[int, str] = {}
@@ -571,8 +431,6 @@ class Zbud:
                 continue
             if f & F_ZOMBIE:
                 kind = "zombie"
-            elif f & F_STAGED:
-                kind = "staged"
             elif f & F_HUGE:
                 kind = "huge"
             elif size0[frame] and size1[frame]:
@@ -586,9 +444,8 @@ class Zbud:
         """Inconsistencies in zbud's own structures (none: ``[]``), for tests.
 
         A held frame that holds nothing; a free frame with data or a list mark left; a
-        huge frame without its handle (or a staged one with one); a live frame missing
-        from its LRU queue, or an unbuddied one from the stack of its size (reclaim or
-        best fit would then never find it). Walks every frame.
+        live frame missing from its LRU queue, or an unbuddied one from the stack of its
+        size (reclaim or best fit would then never find it). Walks every frame.
         """
         problems: list[str] = []
         flags, size0, size1 = self.flags, self.size0, self.size1
@@ -597,24 +454,20 @@ class Zbud:
         stacks = [[set(s) for s in c] for c in self.unbuddied]
         for frame in range(self.nframes):
             f, s0, s1 = flags[frame], size0[frame], size1[frame]
-            has_handle = frame in self.huge_handles
             if not f & F_USED:
-                if f or s0 or s1 or where[frame] or has_handle:
+                if f or s0 or s1 or where[frame]:
                     problems.append(f"frame {frame}: not held, but its columns are not clear")
                 continue
             cls = cls_col[frame]
             if not (s0 or s1):
                 problems.append(f"frame {frame}: held, but holds no zbud")
-            if f & F_HUGE:
-                if s0 != PAGE_SIZE or s1:
-                    problems.append(f"frame {frame}: huge, but sized {s0} + {s1}")
-                if bool(f & F_STAGED) == has_handle:
-                    problems.append(f"frame {frame}: huge handle kept: {has_handle}, flags {f}")
-            elif has_handle or f & F_STAGED:
-                problems.append(f"frame {frame}: not huge, but flags {f} or a huge handle")
-            if f & (F_ZOMBIE | F_STAGED):  # on no LRU and no stack
+            if f & F_HUGE and (s0 <= MAX_BUDDY_SIZE or s1):
+                problems.append(f"frame {frame}: huge, but sized {s0} + {s1}")
+            if chunks(s0) + chunks(s1) > NCHUNKS:
+                problems.append(f"frame {frame}: buddies of {s0} and {s1} bytes overlap")
+            if f & F_ZOMBIE:  # on no LRU and no stack
                 if where[frame]:
-                    problems.append(f"frame {frame}: zombie or staged, but on an unbuddied stack")
+                    problems.append(f"frame {frame}: zombie, but on an unbuddied stack")
                 continue
             if not stamp[frame] or stamp[frame] << 32 | frame not in lru[cls]:
                 problems.append(f"frame {frame}: live, but not on the LRU of class {cls}")
@@ -637,5 +490,27 @@ class Zbud:
         total = sum(a.buffer_info()[1] * a.itemsize for a in cols)
         # deque: 8-byte slot + a 36-byte int per entry; stacks: 8-byte slot (+ the int)
         total += 44 * (len(self.lru[0]) + len(self.lru[1]))
-        total += 40 * sum(len(s) for c in self.unbuddied for s in c)
-        return total + 200 * len(self.huge_handles)
+        return total + 40 * sum(len(s) for c in self.unbuddied for s in c)
+
+    def stats(self) -> dict[str, int]:
+        """The kernel's zbud debugfs counters, per class, plus zcache's frame counts."""
+        out: dict[str, int] = {}
+        for cls, prefix in ((EPH, "zbud_eph_"), (PERS, "zbud_pers_")):
+            c = self.counters[cls]
+            c.note_max()
+            out[prefix + "zbytes"] = c.zbytes
+            out[prefix + "cumul_zbytes"] = c.cumul_zbytes
+            out[prefix + "zpages"] = c.zpages
+            out[prefix + "cumul_zpages"] = c.cumul_zpages
+            out[prefix + "pageframes"] = c.pageframes
+            out[prefix + "evicted_pageframes"] = c.evicted_pageframes
+            out[prefix + "buddied_count"] = c.buddied_count
+            out[prefix + "unbuddied_count"] = c.unbuddied_count
+            out[prefix + "zombie_count"] = c.zombie_count
+            out[prefix + "huge_count"] = c.huge_count
+        for cls, name in ((EPH, "eph"), (PERS, "pers")):
+            c = self.counters[cls]
+            out[name + "_pageframes"] = c.pageframes
+            out[name + "_pageframes_max"] = c.pageframes_max
+        out["pages_compacted"] = 0
+        return out

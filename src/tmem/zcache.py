@@ -1,39 +1,42 @@
 """zcache: compression, the RAM budget and reclaim, behind the tmem API.
 
-zcache is the backend (the "PAM") for the tmem core (:mod:`tmem.tmem_core`) and the
-owner of every pageframe: one preallocated arena of ``memory // 4096`` frames that
-is never exceeded. zbud (:mod:`tmem.zbud`) packs compressed pages into the frames zcache
-hands it. The put path (kernel-zcache2.md section 4.3, with the RFC's fixes):
+zcache is the backend (the "PAM") for the tmem core (:mod:`tmem.tmem_core`). It owns
+the pageframes (an :class:`~tmem.arena.Arena`: the budget, taken from the operating
+system as frames are first used and given back as they empty) and lends them to an
+allocator (:mod:`tmem.allocator`: zsmalloc by default, or the seed's zbud). What it
+knows about each stored page (its tmem handle, codec, class and LRU place) lives in
+its :class:`~tmem.pagetable.PageTable`, by allocator handle. The put path
+(kernel-zcache2.md section 4.3, with the RFC's fixes):
 
 1. compress; a same-filled page (all bytes one 8-byte pattern, e.g. zero) gets a pampd
    with no storage; a page over the class threshold is rejected (ephemeral > 4000 B,
-   persistent > 3584 B, or > 2560 B while the persistent mean is > 2560 B), or with
-   ``huge_pages=True`` a persistent one is kept raw in a whole frame;
-2. place into a partial frame with room (never fail while one fits), else a free frame,
-   else **ouroboros**: evict the LRU ephemeral frame (flushing its tmem entries) and
-   reuse it, so persistent data outranks cache data; else, for a persistent put with a
-   ``writeback`` target, zombify the LRU persistent frame, write its pages back and reuse
-   it; else the put fails;
+   persistent > 3584 B, or with zbud > 2560 B while the persistent mean is > 2560 B), or
+   with ``huge_pages=True`` a persistent one is kept raw;
+2. allocate: never fail while an allocator frame has room; else a new frame from the
+   budget; else compress staged pages, compact, then **ouroboros**: evict LRU ephemeral
+   pages (flushing their tmem entries), so persistent data outranks cache data; else,
+   for a persistent put with a ``writeback`` target, write LRU persistent pages back;
+   else the put fails;
 3. map the handle to the new pampd; an older copy under the handle is freed. A put that
    fails also flushes any older copy: a stale page must never be returned.
 
-The hot paths (:meth:`Zcache.put_status`, :meth:`Zcache.get`) are written flat on
-purpose: puts per second is a feature, and every Python call costs.
+The budget covers data and metadata: the arena's frame limit is lowered by what the
+page table, the allocator and the tmem index take.
+
+The hot paths (:meth:`Zcache.put`, :meth:`Zcache.get`) are written flat on purpose:
+puts per second is a feature, and every Python call costs.
 """
 
 from __future__ import annotations
 
-import ctypes
 import enum
-import mmap
-import sys
-from array import array
-from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from tmem.compress import PAGE_SIZE, Compressor, find_fills, get_compressor
+from tmem.allocator import EPH, PAGE_SIZE, PERS, Allocator
+from tmem.arena import Arena
+from tmem.compress import Compressor, find_fills, get_compressor
 from tmem.errors import (
     ConfigError,
     InvalidHandleError,
@@ -42,10 +45,27 @@ from tmem.errors import (
     TmemError,
     UnknownPoolError,
 )
+from tmem.pagetable import (
+    C_MAIN,
+    C_RAW,
+    C_STRONG,
+    CODEC_MASK,
+    L_EPH,
+    L_PERS,
+    L_STAGED,
+    NIL,
+    P_LIVE,
+    P_PERS,
+    P_STAGED,
+    P_ZOMBIE,
+    PageTable,
+)
 from tmem.sizes import parse_size
 from tmem.tmem_core import (
+    EMPTY,
     LOCAL_CLIENT,
     U32_MAX,
+    Obj,
     Oid,
     Pampd,
     Pool,
@@ -53,16 +73,11 @@ from tmem.tmem_core import (
     check_index,
     check_oid,
 )
-from tmem.zbud import (
-    EPH,
-    F_HUGE,
-    F_STAGED,
-    MAX_BUDDY_SIZE,
-    PERS,
-    Zbud,
-)
+from tmem.zbud import Zbud
+from tmem.zsmalloc import Zsmalloc
 
 __all__ = [
+    "ALLOCATORS",
     "LOCAL_CLIENT",
     "Oid",
     "PutResult",
@@ -80,12 +95,14 @@ OidArg = Any
 IndexArg = Any
 PageArg = Any
 
-EPH_MAX_ZSIZE: Final = MAX_BUDDY_SIZE  # 4000
+ALLOCATORS: Final = ("zsmalloc", "zbud")
+EPH_MAX_ZSIZE: Final = 4000
 PERS_MAX_ZSIZE: Final = PAGE_SIZE * 7 // 8  # 3584
-PERS_MAX_MEAN_ZSIZE: Final = PAGE_SIZE * 5 // 8  # 2560
 SAME_FILLED_PROBE: Final = 64  # only pages compressing to <= this many bytes can be same-filled
+CHARGE_EVERY: Final = 256  # pages stored between two metadata charges to the budget
+RECOMPRESS_MIN_GAIN: Final = 32  # bytes a recompression must save to be kept
 _ZERO_PAGE = bytes(PAGE_SIZE)
-StagedRun = tuple[Pool, Oid, int, list[int]]  # compress-behind queue entry
+
 
 
 class PutResult(enum.IntEnum):
@@ -102,7 +119,7 @@ class ZombiePage:
 
     ``data`` is the stored form: compressed with the Zcache's compressor, or the raw
     page when ``compressed`` is False (huge pages). The page stays readable in tmem
-    until the caller drops it (:meth:`Zcache.replace`, a flush) or gives the frame back
+    until the caller drops it (:meth:`Zcache.replace`, a flush) or gives it back
     (:meth:`Zcache.unzombify`).
     """
 
@@ -164,10 +181,23 @@ class ZcacheCounters:
     writtenback_pages: int = 0
     writeback_failed: int = 0
     failed_gets: int = 0  # get/get_many found no page (read_run misses are the caller's)
+    recompressed_pages: int = 0  # pages moved to the strong codec
+    recompress_saved_bytes: int = 0
+    recompress_skipped: int = 0  # looked at, but the strong codec did not pay
+
+
+def make_allocator(name: str, arena: Arena) -> Allocator:
+    """The allocator called ``name`` (:data:`ALLOCATORS`) over ``arena``'s frames."""
+    key = name.lower().strip()
+    if key == "zsmalloc":
+        return Zsmalloc(arena)
+    if key == "zbud":
+        return Zbud(arena)
+    raise ConfigError(f"unknown allocator {name!r}; choose from {', '.join(ALLOCATORS)}")
 
 
 class Zcache:
-    """A compressed page store with a hard RAM budget.
+    """A compressed page store with a hard RAM budget (data and metadata).
 
     >>> zc = Zcache(memory="1MiB")
     >>> pool = zc.new_pool(persistent=True)
@@ -186,8 +216,11 @@ class Zcache:
         *,
         huge_pages: bool = False,
         writeback: WritebackTarget | None = None,
-        prefault: bool = True,
+        prefault: bool = False,
         compress_behind: bool = False,
+        allocator: str = "zsmalloc",
+        recompress: str | None = None,
+        recompress_after: float = 30.0,
     ) -> None:
         nbytes = parse_size(memory)
         if nbytes < PAGE_SIZE:
@@ -196,36 +229,68 @@ class Zcache:
         self._compress = self.compressor.compress
         self._decompress = self.compressor.decompress
         self._gather = self.compressor.gather
-        self.frames_total = nbytes // PAGE_SIZE
+        self.strong: Compressor | None = None
+        if recompress is not None and str(recompress).lower() not in ("", "none", "off"):
+            self.strong = get_compressor(str(recompress))
+        if recompress_after < 0:
+            raise ConfigError(f"recompress_after must be >= 0 seconds, got {recompress_after}")
+        self.recompress_after = float(recompress_after)
+        self.budget = nbytes
         self.huge_pages = huge_pages
+        self.prefault = prefault
+        # The arena: the whole budget as one mapping, touched as frames are first used
+        # and handed back to the OS as they empty (prefault=True: resident up front).
+        self.arena = Arena(nbytes // PAGE_SIZE, prefault=prefault)
+        self._mm = self.arena.memory
+        self.allocator: Allocator = make_allocator(allocator, self.arena)
+        self._alloc = self.allocator.alloc
+        self._span = self.allocator.span
+        self.pages = PageTable(stamps=self.strong is not None)
         # compress-behind: while more than stage_reserve frames are free, a persistent put
-        # stores the page raw in a free frame and returns; compact() compresses it later
-        # (when the caller is idle, or at once when a put needs the frame back). Staged
-        # frames are on no LRU: they are compacted before anything is written back.
+        # stores the page raw and returns; compact() compresses it later (when the
+        # caller is idle, or at once when a put needs room).
         self.compress_behind = compress_behind
-        self.stage_reserve = max(16, self.frames_total // 64)
-        # Staged runs, oldest first: (pool, oid, first index, frames); stale entries ok.
-        self._staged: deque[StagedRun] = deque()
-        self._staged_entries = 0  # frames named by _staged (stale ones included)
+        self.stage_reserve = max(16, self.arena.frames_total // 64)
         self.writeback = writeback
         self.remote_hooks: RemoteHooks | None = None
-        # The arena: one anonymous mapping holding the whole budget. Prefaulted by
-        # default (the budget is reserved up front, and a first touch of a frame in the
-        # put path would cost a page fault); prefault=False commits frames lazily.
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-        if prefault:
-            flags |= getattr(mmap, "MAP_POPULATE", 0)
-        self._mm = mmap.mmap(-1, self.frames_total * PAGE_SIZE, flags=flags)
-        self.zbud = Zbud(memoryview(self._mm), self.frames_total)  # writes via memoryview
         self.tmem = Tmem(self)
         self._local = self.tmem.local_by_id
-        # zcache owns every frame; free ones wait on this stack (frame 0 on top) and zbud
-        # takes from it only when zcache hands it over in store().
-        self._free_frames = array("i", range(self.frames_total - 1, -1, -1))
         self.counters = ZcacheCounters()  # kernel names where they exist; see stats()
-        self.same_filled = [0, 0]  # per class, pages stored as a pattern (no frame)
+        self.same_filled = [0, 0]  # per class, pages stored as a pattern (no storage)
         self.remote_pages = [0, 0]
+        self.zpages = [0, 0]  # per class, pages the allocator holds
+        self.zbytes = [0, 0]
+        self.raw_pages = 0  # pages kept uncompressed (huge; staged ones included)
+        self.zombie_pages = 0
+        self._puts_since_charge = 0
         self._why = PutResult.STORED  # why the last failed put failed (see put_status)
+        # An empty store's own structures are not charged to the budget (like its code);
+        # what grows with the pages stored is.
+        self._meta_base = self._metadata_estimate()
+        self._charge_metadata()
+
+    # ---- the budget ------------------------------------------------------------------
+
+    def _charge_metadata(self) -> None:
+        """Lower the arena's frame limit by what the metadata takes now (plus room for
+        the next stretch of growth), so data plus metadata stay within the budget."""
+        self._puts_since_charge = 0
+        # what may grow until the next charge: the page table's next step, and up to
+        # CHARGE_EVERY pages (no more than a few a frame) of index and page columns
+        pages_ahead = min(CHARGE_EVERY, 4 * self.arena.frames_total)
+        ahead = pages_ahead * 48 + self.pages.next_growth_bytes()
+        meta = max(0, self._metadata_estimate() - self._meta_base) + ahead
+        frames = self.arena.frames_total - -(-meta // PAGE_SIZE)
+        self.arena.limit = max(1, min(self.arena.frames_total, frames))
+
+    def _metadata_estimate(self) -> int:
+        """Bytes of metadata, from sizes and counts (no walk over pages)."""
+        return (
+            self.pages.metadata_bytes()
+            + self.allocator.metadata_bytes()
+            + self.tmem.metadata_bytes()
+            + self.arena.metadata_bytes()
+        )
 
     # ---- pools -----------------------------------------------------------------------
 
@@ -267,13 +332,19 @@ class Zcache:
         return self._pool(pool_id, client).page_count()
 
     @property
+    def frames_total(self) -> int:
+        """Frames of the budget (data and metadata)."""
+        return self.arena.frames_total
+
+    @property
     def frames_free(self) -> int:
-        """Frames not holding data (never used or freed)."""
-        return len(self._free_frames)
+        """Frames the data may still take: the budget less what is used and what the
+        metadata is charged."""
+        return self.arena.frames_free
 
     @property
     def frames_used(self) -> int:
-        return self.frames_total - self.frames_free
+        return self.arena.frames_used
 
     # ---- pamops ----------------------------------------------------------------------
 
@@ -281,9 +352,7 @@ class Zcache:
         """tmem dropped ``pampd``: release its storage (PamOps.free)."""
         if type(pampd) is int:
             if pampd >= 0:
-                frame = self.zbud.free(pampd)
-                if frame >= 0:
-                    self._free_frames.append(frame)
+                self._release(pampd)
             else:
                 self.same_filled[pool.persistent] -= 1
                 if pampd == -1:
@@ -293,86 +362,174 @@ class Zcache:
             if self.remote_hooks is not None:
                 self.remote_hooks.on_free(pool.client, pool.pool_id, oid, index, pampd)
 
-    # ---- frames ----------------------------------------------------------------------
+    def _release(self, h: int) -> None:
+        """Free the storage of handle ``h`` and forget it (its tmem entry is gone)."""
+        pt = self.pages
+        f = pt.flags[h]
+        cls = (f & P_PERS) >> 1
+        start, end = self._span(h)
+        self.zpages[cls] -= 1
+        self.zbytes[cls] -= end - start
+        if f & CODEC_MASK == C_RAW:
+            self.raw_pages -= 1
+        if f & P_ZOMBIE:
+            self.zombie_pages -= 1
+        else:
+            pt.unlink(h, L_STAGED if f & P_STAGED else cls)
+        pt.flags[h] = 0
+        pt.obj[h] = NIL
+        self.allocator.free(h)
 
-    def _take_frame(self, persistent: bool) -> int:
-        """A frame for a new zbud when none is free: ouroboros, then writeback; -1 if none."""
-        if self._free_frames:
-            return self._free_frames.pop()
-        if self._staged and self._compact_for_frame():
-            return self._free_frames.pop()
+    # ---- room ------------------------------------------------------------------------
+
+    def _alloc_slow(self, size: int, cls: int) -> int:
+        """A handle for ``size`` bytes when the fast path found no room: compress staged
+        pages, compact, evict LRU ephemeral pages, then (persistent, with a writeback
+        target) write LRU persistent pages back. -1 if nothing frees room."""
+        alloc = self._alloc
+        if self._puts_since_charge:
+            self._charge_metadata()
+            h = alloc(size, cls)
+            if h >= 0:
+                return h
+        while self.pages.count[L_STAGED]:
+            self.compact(1)
+            h = alloc(size, cls)
+            if h >= 0:
+                return h
+        if self.allocator.compactable_frames():
+            self.allocator.compact(1 << 30)
+            h = alloc(size, cls)
+            if h >= 0:
+                return h
         self.counters.failed_getfreepages += 1
-        frame = self._evict_eph()
-        if frame >= 0:
+        persistent = cls == PERS
+        evicted = 0
+        while self._evict_eph_unit():
+            evicted += 1
             if persistent:
                 self.counters.pers_ate_eph += 1
             else:
                 self.counters.eph_ate_tail += 1
-            return frame
+            h = alloc(size, cls)
+            if h < 0 and not evicted & 15 and self.allocator.compactable_frames():
+                self.allocator.compact(1 << 30)
+                h = alloc(size, cls)
+            if h >= 0:
+                return h
+        if self.allocator.compactable_frames():
+            self.allocator.compact(1 << 30)
+            h = alloc(size, cls)
+            if h >= 0:
+                return h
         if not persistent:
             self.counters.eph_ate_tail_failed += 1
             return -1
         self.counters.pers_ate_eph_failed += 1
-        if self.writeback is not None:
-            return self._writeback_one()
+        if self.writeback is None:
+            return -1
+        written = 0
+        while self._writeback_unit():
+            written += 1
+            h = alloc(size, cls)
+            if h < 0 and not written & 15 and self.allocator.compactable_frames():
+                self.allocator.compact(1 << 30)
+                h = alloc(size, cls)
+            if h >= 0:
+                return h
         return -1
 
-    def _drop_handle(self, client: int, pool_id: int, oid: Oid, index: int, pampd: int) -> None:
-        """Remove the tmem entry for a zbud whose frame was reclaimed (no free)."""
-        pool = self.tmem.find_pool(pool_id, client)
-        if pool is None:
-            return
-        pages = pool.objects.get(oid)
-        if pages is not None and pages.get(index) == pampd:
-            del pages[index]
-            if not pages:
-                del pool.objects[oid]
+    def _victims(self, cls: int, want_bytes: int) -> list[int]:
+        """The next reclaim unit of ``cls``, off its LRU (zombie): the allocator's own
+        (zbud: both buddies of the LRU frame), else LRU pages worth ``want_bytes``."""
+        pt = self.pages
+        victims = self.allocator.lru_victims(cls)
+        if victims:
+            for h in victims:
+                if pt.flags[h] & P_ZOMBIE:
+                    continue
+                pt.unlink(h, pt.list_of(h))
+                pt.flags[h] |= P_ZOMBIE
+                self.zombie_pages += 1
+            return victims
+        out: list[int] = []
+        got = 0
+        while got < want_bytes:
+            h = pt.head[cls]
+            if h == NIL:
+                break
+            pt.unlink(h, cls)
+            pt.flags[h] |= P_ZOMBIE
+            self.zombie_pages += 1
+            out.append(h)
+            start, end = self._span(h)
+            got += end - start
+        return out
 
-    def _evict_eph(self) -> int:
-        frame, entries = self.zbud.evict_lru(EPH)
-        if frame < 0:
-            return -1
-        for pampd, (o0, o1, o2, index, pool_id, client) in entries:
-            self._drop_handle(client, pool_id, (o0, o1, o2), index, pampd)
-        self.counters.evicted_eph_zpages += len(entries)
+    def _drop_entry(self, h: int) -> tuple[Pool, Oid, int] | None:
+        """Unmap the tmem handle of page ``h`` (it stays allocated); its key, or None."""
+        pt = self.pages
+        obj = self.tmem.obj(pt.obj[h])
+        if obj is None or obj.slot(pt.idx[h]) != h:
+            return None
+        index = pt.idx[h]
+        obj.pop(index)
+        self.tmem.drop_if_empty(obj)
+        return obj.pool, obj.oid, index
+
+    def _evict_eph_unit(self) -> bool:
+        """Evict one reclaim unit of ephemeral pages (flushing their tmem entries)."""
+        victims = self._victims(EPH, 1)
+        if not victims:
+            return False
+        for h in victims:
+            if self.pages.flags[h] & P_LIVE:
+                self._drop_entry(h)
+                self._release(h)
+        self.allocator.note_evicted(EPH)
+        self.counters.evicted_eph_zpages += len(victims)
         self.counters.evicted_eph_pageframes += 1
-        return frame
+        return True
 
     def evict_ephemeral(self, frames: int = 1) -> int:
-        """Evict up to ``frames`` LRU ephemeral frames back to the free pool (a shrinker)."""
-        done = 0
-        while done < frames:
-            frame = self._evict_eph()
-            if frame < 0:
+        """Evict LRU ephemeral pages until ``frames`` frames went back to the budget (a
+        shrinker), or no ephemeral page is left; returns the frames freed."""
+        start = self.arena.frames_used
+        while start - self.arena.frames_used < frames:
+            if not self._evict_eph_unit():
+                if self.allocator.compactable_frames():
+                    self.allocator.compact(1 << 30)
                 break
-            self._free_frames.append(frame)
-            done += 1
-        return done
+            if self.allocator.compactable_frames() >= frames:
+                self.allocator.compact(1 << 30)
+        return max(0, start - self.arena.frames_used)
 
-    def _writeback_one(self) -> int:
-        """Write the LRU persistent frame's pages back; return the emptied frame or -1."""
+    def _writeback_unit(self) -> bool:
+        """Write one reclaim unit of LRU persistent pages back; False if none or the
+        target took none of them."""
         assert self.writeback is not None
-        zbud = self.zbud
-        frame, entries = zbud.zombify_lru(PERS)
-        if frame < 0:
-            return -1
-        emptied = -1
-        for pampd, (o0, o1, o2, index, pool_id, client) in entries:
-            oid = (o0, o1, o2)
-            pool = self.tmem.find_pool(pool_id, client)
-            if pool is None or self.tmem.lookup(pool, oid, index) != pampd:
+        victims = self._victims(PERS, PAGE_SIZE)
+        if not victims:
+            return False
+        taken = 0
+        pt = self.pages
+        for h in victims:
+            if not pt.flags[h] & P_LIVE:
                 continue
-            if self._write_back(pool, oid, index, self._read(pampd)):
-                f = zbud.free(pampd)
-                if f >= 0:
-                    emptied = f
-        if emptied < 0:
-            zbud.unzombify(frame)
-        return emptied
+            obj = self.tmem.obj(pt.obj[h])
+            index = pt.idx[h]
+            if obj is None or obj.slot(index) != h:
+                continue
+            if self._write_back(obj.pool, obj.oid, index, self._read(h)):
+                self._release(h)
+                taken += 1
+            else:
+                self._unzombify(h)
+        return taken > 0
 
     def _write_back(self, pool: Pool, oid: Oid, index: int, page: bytes) -> bool:
         """Hand one page to the writeback target and, if it took the page, drop the
-        tmem entry (the caller frees the zbud). False if the target refused it."""
+        tmem entry (the caller frees the storage). False if the target refused it."""
         assert self.writeback is not None
         if not self.writeback.write_back(pool.pool_id, oid, index, page):
             self.counters.writeback_failed += 1
@@ -381,17 +538,34 @@ class Zcache:
         self.counters.writtenback_pages += 1
         return True
 
-    def _read(self, pampd: int) -> bytes:
-        """The page behind a local pampd, decompressed."""
-        if pampd < 0:
-            return (-1 - pampd).to_bytes(8, "little") * (PAGE_SIZE // 8)
-        start, end = self.zbud.span(pampd)
-        if end - start == PAGE_SIZE:  # a huge or staged page: kept raw
-            return self._mm[start:end]
+    def _unzombify(self, h: int) -> None:
+        pt = self.pages
+        f = pt.flags[h]
+        if f & (P_LIVE | P_ZOMBIE) != P_LIVE | P_ZOMBIE:
+            return
+        pt.flags[h] = f & ~P_ZOMBIE
+        self.zombie_pages -= 1
+        pt.append(h, pt.list_of(h))
+        self.allocator.restore(h)
+
+    def _read(self, h: int) -> bytes:
+        """The page stored under handle ``h``, decompressed."""
+        start, end = self._span(h)
+        codec = self.pages.flags[h] & CODEC_MASK
         try:
-            return self._decompress(self._mm[start:end])
+            if codec == C_MAIN:
+                return self._decompress(self._mm[start:end])
+            if codec == C_RAW:
+                return bytes(self._mm[start:end])
+            assert self.strong is not None
+            return self.strong.decompress(self._mm[start:end])
         except Exception as exc:  # a corrupt page must never pass as data
             raise TmemError(f"stored page failed to decompress: {exc}") from exc
+
+    def _read_pampd(self, pampd: int) -> bytes:
+        if pampd < 0:
+            return (-1 - pampd).to_bytes(8, "little") * (PAGE_SIZE // 8)
+        return self._read(pampd)
 
     # ---- put -------------------------------------------------------------------------
 
@@ -420,17 +594,16 @@ class Zcache:
             ) from None
         if size != PAGE_SIZE:
             raise PageSizeError(f"page must be {PAGE_SIZE} bytes, got {size}")
-        objects = pool.objects
         try:
-            pages = objects.get(oid)
+            obj = pool.objects.get(oid)
         except TypeError:
             raise InvalidHandleError(f"oid must be a tuple of three ints, got {oid!r}") from None
-        if pages is None:
+        if obj is None:
             check_oid(oid)
         if type(index) is not int or not 0 <= index <= U32_MAX:
             check_index(index)
         persistent = pool.persistent
-        if persistent and self.compress_behind and len(self._free_frames) > self.stage_reserve:
+        if persistent and self.compress_behind and self.arena.frames_free > self.stage_reserve:
             try:
                 view = memoryview(page).cast("B")
             except TypeError:
@@ -448,44 +621,61 @@ class Zcache:
                 f"page must be a bytes-like object, got {type(page).__name__}"
             ) from None
         clen = len(data)
+        codec = C_MAIN
         if clen <= SAME_FILLED_PROBE:
             pattern = _fill_pattern(page)
             if pattern is not None:
                 self._put_same_filled(pool, oid, index, pattern)
                 return True
-        if clen > PERS_MAX_MEAN_ZSIZE and self._rejects(persistent, clen):
-            if persistent and self.huge_pages:
-                return self._put_huge(pool, oid, index, bytes(page))
-            self._flush_quietly(pool, oid, index)
-            self._why = PutResult.POOR_COMPRESSION
-            return False
-        pampd = self.zbud.store(
-            persistent,
-            data,
-            self._free_frames,
-            oid[0],
-            oid[1],
-            oid[2],
-            index,
-            pool.pool_id,
-            pool.client,
-        )
-        if pampd < 0:
-            frame = self._take_frame(persistent)
-            if frame < 0:
+        elif clen > PERS_MAX_ZSIZE and self._rejects(persistent, clen):
+            if not (persistent and self.huge_pages):
+                self._flush_quietly(pool, oid, index)
+                self._why = PutResult.POOR_COMPRESSION
+                return False
+            data = bytes(page)
+            clen = PAGE_SIZE
+            codec = C_RAW
+            self.counters.huge_pages_stored += 1
+        cls = PERS if persistent else EPH
+        h = self._alloc(clen, cls)
+        if h < 0:
+            h = self._alloc_slow(clen, cls)
+            if h < 0:
                 self._no_memory(pool, oid, index)
                 return False
-            handle = (oid[0], oid[1], oid[2], index, pool.pool_id, pool.client)
-            pampd = self.zbud.create(persistent, frame, handle, data)
-            pages = objects.get(oid)  # reclaim may have flushed entries of this object
-        if pages is None:
-            objects[oid] = {index: pampd}
-        else:
-            old = pages.get(index)
-            pages[index] = pampd
-            if old is not None:
-                self.free(pool, oid, index, old)
+            obj = pool.objects.get(oid)  # reclaim may have flushed this object's pages
+        start, end = self._span(h)
+        self._mm[start:end] = data
+        self._record(h, cls, codec, pool, oid, index, obj)
         return True
+
+    def _record(
+        self, h: int, cls: int, codec: int, pool: Pool, oid: Oid, index: int, obj: Obj | None
+    ) -> None:
+        """Note page ``h`` (written) in the page table, on its LRU, and in tmem (an
+        older page under the handle is freed)."""
+        if obj is None:
+            obj = self.tmem.obj_for_put(pool, oid)
+        pt = self.pages
+        if h >= pt.cap:
+            pt.grow(h)
+        pt.obj[h] = obj.num
+        pt.idx[h] = index
+        pt.flags[h] = P_LIVE | cls << 1 | codec
+        if pt.stamps:
+            pt.stamp[h] = pt.now()
+        pt.append(h, cls)
+        self.zpages[cls] += 1
+        start, end = self._span(h)
+        self.zbytes[cls] += end - start
+        if codec == C_RAW:
+            self.raw_pages += 1
+        old = obj.set_handle(index, h)
+        if old != EMPTY:
+            self.free(pool, oid, index, old if old >= 0 else obj.decode_old(index, old))
+        self._puts_since_charge += 1
+        if self._puts_since_charge >= CHARGE_EVERY:
+            self._charge_metadata()
 
     def put_status(
         self,
@@ -506,22 +696,23 @@ class Zcache:
         if clen > (PERS_MAX_ZSIZE if persistent else EPH_MAX_ZSIZE):
             self.counters.compress_poor += 1
             return True
-        if persistent and self._pers_mean_too_high():
+        mean = self.allocator.max_mean_size
+        if persistent and clen > mean and self._pers_mean_too_high(mean):
             self.counters.mean_compress_poor += 1
             return True
         return False
 
-    def _pers_mean_too_high(self) -> bool:
-        """The mean compressed size of persistent zbuds is over the limit. Raw (huge and
-        staged) frames are left out: they take no part in zbud pairing, and counting them
-        would reject ever more pages, which would then be stored raw too."""
-        c = self.zbud.counters[PERS]
-        zpages = c.zpages - c.huge_count + self.same_filled[PERS]
-        zbytes = c.zbytes - c.huge_count * PAGE_SIZE
-        return zpages > 0 and zbytes > PERS_MAX_MEAN_ZSIZE * zpages
+    def _pers_mean_too_high(self, mean: int) -> bool:
+        """The mean compressed size of persistent pages is over ``mean`` (zbud, whose
+        pages must pair). Raw (huge and staged) pages are left out: they take no part in
+        pairing, and counting them would reject ever more pages, stored raw too."""
+        raw = self.raw_pages
+        zpages = self.zpages[PERS] - raw + self.same_filled[PERS]
+        zbytes = self.zbytes[PERS] - raw * PAGE_SIZE
+        return zpages > 0 and zbytes > mean * zpages
 
     def _no_memory(self, pool: Pool, oid: OidArg, index: IndexArg) -> None:
-        """A put found no frame: count it and drop any older copy under the handle."""
+        """A put found no room: count it and drop any older copy under the handle."""
         if pool.persistent:
             self.counters.failed_pers_puts += 1
         else:
@@ -531,8 +722,8 @@ class Zcache:
 
     def _flush_quietly(self, pool: Pool, oid: OidArg, index: IndexArg) -> None:
         """Drop an older copy after a failed put (coherency: never return stale data)."""
-        pages = pool.objects.get(oid)
-        if pages is not None and index in pages:
+        obj = pool.objects.get(oid)
+        if obj is not None and obj.slot(index) != EMPTY:
             self.tmem.flush_page(pool, oid, index)
 
     def _put_same_filled(self, pool: Pool, oid: Oid, index: int, pattern: int) -> None:
@@ -545,26 +736,14 @@ class Zcache:
                 self.counters.zero_filled_pages_max, self.counters.zero_filled_pages
             )
 
-    def _put_huge(self, pool: Pool, oid: Oid, index: int, page: bytes) -> bool:
-        frame = self._take_frame(True)
-        if frame < 0:
-            self._no_memory(pool, oid, index)
-            return False
-        handle = (oid[0], oid[1], oid[2], index, pool.pool_id, pool.client)
-        pampd = self.zbud.create_huge(PERS, frame, handle, page)
-        self.counters.huge_pages_stored += 1
-        self.tmem.put(pool, oid, index, pampd)
-        return True
-
     # ---- compress-behind ---------------------------------------------------------------
 
     def _stage(self, pool: Pool, oid: Oid, index: int, pages: memoryview, count: int) -> None:
-        """Store ``count`` persistent pages raw in free frames, for :meth:`compact` to
-        compress; the caller checked the arguments and that enough frames are free.
+        """Store ``count`` persistent pages raw, for :meth:`compact` to compress; the
+        caller checked the arguments and that enough frames are free.
 
         Same-filled pages (zero pages above all) are stored as their pattern at once
-        when the C helper is there to find them for next to nothing: no frame, no
-        copy, nothing to compact later.
+        when the C helper is there to find them for next to nothing.
         """
         fills = find_fills(pages) if find_fills is not None else None
         if not fills:
@@ -582,127 +761,154 @@ class Zcache:
             self._stage_raw(pool, oid, index + pos, pages[pos * PAGE_SIZE :], count - pos)
 
     def _stage_raw(self, pool: Pool, oid: Oid, index: int, pages: memoryview, count: int) -> None:
-        frames = self.zbud.stage_run(self._free_frames, pages, count)
-        entries = pool.objects.get(oid)
-        if entries is None:
-            entries = pool.objects[oid] = {}
-        i = index
-        for frame in frames:
-            old = entries.get(i)
-            entries[i] = frame << 1
-            if old is not None:
-                self.free(pool, oid, i, old)
-            i += 1
-        # One queue entry per run: its pages' handles follow from (pool, oid, index).
-        self._staged.append((pool, oid, index, frames))
-        self._staged_entries += count
-        if self._staged_entries > 4096 and self._staged_entries > 2 * self.staged_pages:
-            self._prune_staged()  # rewrites and flushes left stale entries
+        pt = self.pages
+        mm = self._mm
+        obj = self.tmem.obj_for_put(pool, oid)
+        for i in range(count):
+            h = self._alloc(PAGE_SIZE, PERS)
+            if h < 0:  # the reserve said there was room: never expected
+                raise TmemError("compress-behind found no frame for a staged page")
+            start = self._span(h)[0]
+            pos = i * PAGE_SIZE
+            mm[start : start + PAGE_SIZE] = pages[pos : pos + PAGE_SIZE]
+            if h >= pt.cap:
+                pt.grow(h)
+            pt.obj[h] = obj.num
+            pt.idx[h] = index + i
+            pt.flags[h] = P_LIVE | P_PERS | P_STAGED | C_RAW
+            if pt.stamps:
+                pt.stamp[h] = pt.now()
+            pt.append(h, L_STAGED)
+            self.zpages[PERS] += 1
+            self.zbytes[PERS] += PAGE_SIZE
+            self.raw_pages += 1
+            old = obj.set_handle(index + i, h)
+            if old != EMPTY:
+                old_pampd = old if old >= 0 else obj.decode_old(index + i, old)
+                self.free(pool, oid, index + i, old_pampd)
         self.counters.staged_pages_total += count
-
-    def _is_staged(self, pool: Pool, oid: Oid, index: int, frame: int) -> bool:
-        """Does the queue entry (pool, oid, index) -> frame still name a staged page?
-
-        A frame may have been freed (rewrite, flush) and staged again for another page:
-        it counts only while the handle maps to it and it is still staged.
-        """
-        entries = pool.objects.get(oid)
-        return (
-            entries is not None
-            and entries.get(index) == frame << 1
-            and bool(self.zbud.flags[frame] & F_STAGED)
-        )
-
-    def _prune_staged(self) -> None:
-        """Drop stale queue entries (each page once, runs split where pages are gone)."""
-        runs: deque[StagedRun] = deque()
-        seen: set[int] = set()
-        for pool, oid, first, frames in self._staged:
-            start = first
-            live: list[int] = []
-            for k, frame in enumerate(frames):
-                if frame not in seen and self._is_staged(pool, oid, first + k, frame):
-                    seen.add(frame)
-                    if not live:
-                        start = first + k
-                    live.append(frame)
-                elif live:
-                    runs.append((pool, oid, start, live))
-                    live = []
-            if live:
-                runs.append((pool, oid, start, live))
-        self._staged = runs
-        self._staged_entries = len(seen)
+        self._puts_since_charge += count
+        if self._puts_since_charge >= CHARGE_EVERY:
+            self._charge_metadata()
 
     @property
     def staged_pages(self) -> int:
         """Pages stored raw by compress-behind that :meth:`compact` has not reached yet."""
-        return self.zbud.counters[PERS].staged_count
+        return self.pages.count[L_STAGED]
 
     def compact(self, max_pages: int = 64) -> int:
         """Compress up to ``max_pages`` staged pages, oldest first; return how many.
 
-        Each page is compressed and moved into zbud like a normal put (so two of them
-        share a frame), or stays raw as a huge page when it compresses poorly (with a
-        writeback target and no huge pages, it is written back instead). Call it when
-        idle; puts call it themselves when they need a frame.
+        Each page is compressed and stored like a normal put, or stays raw as a huge
+        page when it compresses poorly (with a writeback target and no huge pages, it is
+        written back instead). Call it when idle; puts call it themselves when they need
+        room.
         """
         done = 0
-        staged = self._staged
-        while done < max_pages and staged:
-            pool, oid, first, frames = staged.popleft()
-            take = min(len(frames), max_pages - done)
-            for k in range(take):
-                if self._is_staged(pool, oid, first + k, frames[k]):
-                    self._compact_page(pool, oid, first + k, frames[k])
-                    done += 1
-            self._staged_entries -= take
-            if take < len(frames):
-                staged.appendleft((pool, oid, first + take, frames[take:]))
+        pt = self.pages
+        while done < max_pages:
+            h = pt.head[L_STAGED]
+            if h == NIL:
+                break
+            self._compact_page(h)
+            done += 1
         return done
 
-    def _compact_for_frame(self) -> bool:
-        """Compact staged pages until a frame is free (a put needs one); False if none.
-
-        Each staged page is visited once, so this ends; it is long only when many staged
-        pages in a row turn out incompressible and stay raw."""
-        while not self._free_frames:
-            if not self.compact(1):
-                return False
-        return True
-
-    def _compact_page(self, pool: Pool, oid: Oid, index: int, frame: int) -> None:
-        zbud = self.zbud
-        handle = (oid[0], oid[1], oid[2], index, pool.pool_id, pool.client)
-        pampd = frame << 1
-        start = frame * PAGE_SIZE
-        page = zbud.arena[start : start + PAGE_SIZE]
+    def _compact_page(self, h: int) -> None:
+        pt = self.pages
+        obj = self.tmem.obj(pt.obj[h])
+        index = pt.idx[h]
+        assert obj is not None and obj.slot(index) == h, "a staged page lost its tmem entry"
+        pool, oid = obj.pool, obj.oid
+        start, end = self._span(h)
+        page = bytes(self._mm[start:end])
         data = self._compress(page)
         clen = len(data)
         self.counters.compacted_pages += 1
         if clen <= SAME_FILLED_PROBE:
             pattern = _fill_pattern(page)
             if pattern is not None:
-                self._put_same_filled(pool, oid, index, pattern)  # frees the raw frame
+                self._put_same_filled(pool, oid, index, pattern)  # frees the raw page
                 return
-        if clen > PERS_MAX_MEAN_ZSIZE and self._rejects(True, clen):
+        if clen > PERS_MAX_ZSIZE and self._rejects(True, clen):
             if (
                 not self.huge_pages
                 and self.writeback is not None
-                and self._write_back(pool, oid, index, bytes(page))
+                and self._write_back(pool, oid, index, page)
             ):
-                self._free_frames.append(zbud.free(pampd))
+                self._release(h)
                 return
-            zbud.unstage(frame, handle)  # accepted pages are kept: raw, as a huge page
+            pt.unlink(h, L_STAGED)  # accepted pages are kept: raw, as a huge page
+            pt.flags[h] &= ~P_STAGED
+            pt.append(h, L_PERS)
             self.counters.huge_pages_stored += 1
             return
-        new = zbud.store(PERS, data, self._free_frames, *handle)
-        if new < 0:  # no room anywhere: the raw frame itself becomes the zbud frame
-            zbud.free(pampd)
-            new = zbud.create(PERS, frame, handle, data)
+        self._move(h, data, C_MAIN, page)
+
+    def _move(self, h: int, data: bytes, codec: int, raw_page: bytes | None = None) -> bool:
+        """Store page ``h`` anew as ``data`` (codec ``codec``) under a new handle, in its
+        place on its list (a staged page goes to the end of the persistent LRU).
+
+        Without ``raw_page``: False (nothing changed) when there is no room beside the
+        old copy. With it (the page itself, compress-behind): the old copy is freed
+        first when room is short, and the page is stored raw if even then ``data``
+        finds none; it always succeeds.
+        """
+        pt = self.pages
+        f = pt.flags[h]
+        cls = (f & P_PERS) >> 1
+        old_start, old_end = self._span(h)
+        old_size = old_end - old_start
+        size = len(data)
+        new = self._alloc(size, cls)
+        freed = False
+        if new < 0:
+            if raw_page is None:
+                return False
+            self.allocator.free(h)
+            freed = True
+            new = self._alloc(size, cls)
+            if new < 0:  # keep it raw in the frame just freed (metadata may have
+                # taken it meanwhile: lend it back for this page, which already had it)
+                data, size, codec = raw_page, PAGE_SIZE, C_RAW
+                arena = self.arena
+                limit = arena.limit
+                arena.limit = min(arena.frames_total, max(limit, arena.frames_used + 1))
+                try:
+                    new = self._alloc(PAGE_SIZE, cls)
+                finally:
+                    arena.limit = limit
+                if new < 0:
+                    raise TmemError("no frame for a page whose own frame was just freed")
+        start, end = self._span(new)
+        self._mm[start:end] = data
+        if new >= pt.cap:
+            pt.grow(new)
+        obj_num, index = pt.obj[h], pt.idx[h]
+        pt.obj[new] = obj_num
+        pt.idx[new] = index
+        pt.flags[new] = (f & ~(CODEC_MASK | P_STAGED)) | codec
+        if pt.stamps:
+            pt.stamp[new] = pt.stamp[h]
+        if f & P_STAGED:
+            pt.unlink(h, L_STAGED)
+            pt.append(new, cls)
         else:
-            self._free_frames.append(zbud.free(pampd))
-        pool.objects[oid][index] = new
+            pt.substitute(h, new, cls)
+        self.zbytes[cls] += size - old_size
+        if f & CODEC_MASK == C_RAW:
+            self.raw_pages -= 1
+        if codec == C_RAW:
+            self.raw_pages += 1
+        if h != new:
+            pt.flags[h] = 0
+            pt.obj[h] = NIL
+        obj = self.tmem.obj(obj_num)
+        assert obj is not None
+        obj.set_handle(index, new)
+        if not freed:
+            self.allocator.free(h)
+        return True
 
     def put_run(
         self,
@@ -728,7 +934,7 @@ class Zcache:
         if (
             pool.persistent
             and self.compress_behind
-            and len(self._free_frames) - n >= self.stage_reserve
+            and self.arena.frames_free - n >= self.stage_reserve
             and n
         ):
             check_oid(oid)
@@ -777,28 +983,43 @@ class Zcache:
         pool = self._local.get(pool_id) if type(pool_id) is int and client == LOCAL_CLIENT else None
         if pool is None:
             pool = self.tmem.pool(pool_id, client)
-        objects = pool.objects
         try:
-            pages = objects.get(oid)
+            obj = pool.objects.get(oid)
         except TypeError:
             raise InvalidHandleError(f"oid must be a tuple of three ints, got {oid!r}") from None
-        if pages is None:
+        if obj is None:
             check_oid(oid)
             check_index(index)
             self.counters.failed_gets += 1
             return None
-        pampd = pages.get(index)
-        if pampd is None:
+        if type(index) is not int or not 0 <= index <= U32_MAX:
             check_index(index)
+        h = obj.slot(index)
+        if h >= 0:
+            start, end = self._span(h)
+            codec = self.pages.flags[h] & CODEC_MASK
+            if codec == C_MAIN:
+                try:
+                    data = self._decompress(self._mm[start:end])
+                except Exception as exc:  # a corrupt page must never pass as data
+                    raise TmemError(f"stored page failed to decompress: {exc}") from exc
+            else:
+                data = self._read(h)
+            if free or not pool.persistent:
+                obj.pop(index)
+                self.tmem.drop_if_empty(obj)
+                self._release(h)
+            return data
+        if h == EMPTY:
             self.counters.failed_gets += 1
             return None
+        pampd = obj.get(index)
         if type(pampd) is not int:
             raise RemotePageError(pampd)
-        data = self._read(pampd)
+        data = self._read_pampd(pampd)
         if free or not pool.persistent:
-            del pages[index]
-            if not pages:
-                del objects[oid]
+            obj.pop(index)
+            self.tmem.drop_if_empty(obj)
             self.free(pool, oid, index, pampd)
         return data
 
@@ -828,46 +1049,60 @@ class Zcache:
         if type(count) is not int or not 0 <= count <= U32_MAX - first_index + 1:
             raise InvalidHandleError(f"bad page count {count!r}")
         try:
-            pages = pool.objects.get(oid)
+            obj = pool.objects.get(oid)
         except TypeError:
             raise InvalidHandleError(f"oid must be a tuple of three ints, got {oid!r}") from None
-        if pages is None:
+        if obj is None:
             check_oid(oid)
             return bytearray(count * PAGE_SIZE), list(range(count))
+        slots = obj.run(first_index, count)
         missing: list[int] = []
         gather = self._gather
+        flags = self.pages.flags
+        span = self._span
         if gather is None:  # one decompress per page
             out = bytearray(count * PAGE_SIZE)
-            for i in range(count):
-                pampd = pages.get(first_index + i)
-                if pampd is None:
+            for i, h in enumerate(slots):
+                if h == EMPTY:
                     missing.append(i)
-                elif type(pampd) is int:
-                    out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = self._read(pampd)
-                else:
-                    raise RemotePageError(pampd)
+                    continue
+                if h < EMPTY:
+                    pampd = obj.get(first_index + i)
+                    if type(pampd) is not int:
+                        raise RemotePageError(pampd)
+                    h = pampd
+                out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = self._read_pampd(h)
             return out, missing
         spans: list[int] = []  # [start, length] per page for gather()
-        span = self.zbud.span
-        for i in range(count):
-            pampd = pages.get(first_index + i)
-            if pampd is None:
+        later: list[int] = []  # positions stored with the strong codec: read one by one
+        for i, h in enumerate(slots):
+            if h >= 0:
+                start, end = span(h)
+                codec = flags[h] & CODEC_MASK
+                if codec == C_STRONG:
+                    later.append(i)
+                    spans.append(0)
+                    spans.append(-1)
+                else:  # length PAGE_SIZE: a raw page, copied as it is
+                    spans.append(start)
+                    spans.append(end - start)
+            elif h == EMPTY:
                 missing.append(i)
                 spans.append(0)
                 spans.append(-1)
-            elif type(pampd) is not int:
-                raise RemotePageError(pampd)
-            elif pampd < 0:  # same-filled: the 8-byte pattern
-                spans.append(-1 - pampd)
+            else:
+                pampd = obj.get(first_index + i)
+                if type(pampd) is not int:
+                    raise RemotePageError(pampd)
+                spans.append(-1 - pampd)  # same-filled: the 8-byte pattern
                 spans.append(0)
-            else:  # length PAGE_SIZE: a huge or staged page, copied raw
-                start, end = span(pampd)
-                spans.append(start)
-                spans.append(end - start)
         try:
-            return gather(self._mm, spans), missing
+            out = gather(self._mm, spans)
         except ValueError as exc:  # a corrupt page must never pass as data
             raise TmemError(f"stored page failed to decompress: {exc}") from exc
+        for i in later:
+            out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = self._read(slots[i])
+        return out, missing
 
     def get_many(
         self, pool_id: PoolIdArg, keys: Iterable[tuple[OidArg, IndexArg]], free: bool | None = None
@@ -909,39 +1144,47 @@ class Zcache:
         """The raw pampd under the handle (int = local, other = remote), or None."""
         return self.tmem.lookup(self._pool(pool_id, client), check_oid(oid), check_index(index))
 
-    def zombify_lru(self, persistent: bool) -> list[ZombiePage]:
-        """Hand out the pages of the LRU frame of a class for writeback or remotify.
+    def _stored_form(self, h: int) -> tuple[bytes, bool]:
+        """Page ``h`` as peers take it: compressed with this Zcache's compressor, or raw
+        (``False``): a recompressed page goes out in the compressor's form."""
+        start, end = self._span(h)
+        codec = self.pages.flags[h] & CODEC_MASK
+        if codec == C_MAIN:
+            return bytes(self._mm[start:end]), True
+        if codec == C_RAW:
+            return bytes(self._mm[start:end]), False
+        data = self._compress(self._read(h))
+        return (data, True) if len(data) <= PERS_MAX_ZSIZE else (self._read(h), False)
 
-        The frame leaves the LRU and the unbuddied lists, so nothing new lands in it; the
-        pages stay readable until replaced (:meth:`replace`) or flushed, and then the
-        frame returns to the free pool. :meth:`unzombify` undoes it. [] if none.
+    def zombify_lru(self, persistent: bool) -> list[ZombiePage]:
+        """Hand out the LRU pages of a class (a frame's worth) for writeback or remotify.
+
+        They leave the LRU; they stay readable until replaced (:meth:`replace`) or
+        flushed, and then their storage is freed. :meth:`unzombify` undoes it. [] if
+        none.
         """
-        frame, entries = self.zbud.zombify_lru(PERS if persistent else EPH)
-        if frame < 0:
-            return []
-        huge = bool(self.zbud.flags[frame] & F_HUGE)
-        out = []
-        for pampd, (o0, o1, o2, index, pool_id, client) in entries:
-            start, end = self.zbud.span(pampd)
+        out: list[ZombiePage] = []
+        pt = self.pages
+        for h in self._victims(PERS if persistent else EPH, PAGE_SIZE):
+            obj = self.tmem.obj(pt.obj[h])
+            if obj is None or obj.slot(pt.idx[h]) != h:
+                continue
+            data, compressed = self._stored_form(h)
+            pool = obj.pool
             out.append(
                 ZombiePage(
-                    client,
-                    pool_id,
-                    (o0, o1, o2),
-                    index,
-                    self._mm[start:end],
-                    not huge,
-                    pampd,
-                    persistent,
+                    pool.client, pool.pool_id, obj.oid, pt.idx[h], data, compressed, h, persistent
                 )
             )
         return out
 
     def unzombify(self, page: ZombiePage) -> None:
-        """Give a zombie frame back to the LRU (e.g. the peer refused the page)."""
-        frame = page.pampd >> 1
-        if self.zbud.is_zombie(frame) and (self.zbud.size0[frame] or self.zbud.size1[frame]):
-            self.zbud.unzombify(frame)
+        """Give a zombie page back to the LRU (e.g. the peer refused the page)."""
+        h = page.pampd
+        if 0 <= h < self.pages.cap:
+            obj = self.tmem.obj(self.pages.obj[h])
+            if obj is not None and obj.slot(page.index) == h and obj.oid == page.oid:
+                self._unzombify(h)
 
     def replace(
         self,
@@ -965,7 +1208,12 @@ class Zcache:
         def still_current(current: Pampd) -> bool:
             if expected is None:
                 return True
-            return current == expected.pampd and self.zbud.is_zombie(expected.pampd >> 1)
+            h = expected.pampd
+            return (
+                current == h
+                and 0 <= h < self.pages.cap
+                and bool(self.pages.flags[h] & P_ZOMBIE)
+            )
 
         if self.tmem.replace(pool, check_oid(oid), check_index(index), pampd, still_current):
             self.remote_pages[pool.persistent] += 1
@@ -1027,21 +1275,20 @@ class Zcache:
         check_index(index)
         clen = len(data)
         limit = PERS_MAX_ZSIZE if pool.persistent else EPH_MAX_ZSIZE
-        if clen > limit:
+        if clen > limit or clen < 1:
             self.counters.compress_poor += 1
             self._flush_quietly(pool, oid, index)
             return PutResult.POOR_COMPRESSION
         cls = PERS if pool.persistent else EPH
-        handle = (oid[0], oid[1], oid[2], index, pool.pool_id, pool.client)
-        data = bytes(data)
-        pampd = self.zbud.store(cls, data, self._free_frames, *handle)
-        if pampd < 0:
-            frame = self._take_frame(pool.persistent)
-            if frame < 0:
+        h = self._alloc(clen, cls)
+        if h < 0:
+            h = self._alloc_slow(clen, cls)
+            if h < 0:
                 self._no_memory(pool, oid, index)
                 return PutResult.NO_MEMORY
-            pampd = self.zbud.create(cls, frame, handle, data)
-        self.tmem.put(pool, oid, index, pampd)
+        start, end = self._span(h)
+        self._mm[start:end] = data
+        self._record(h, cls, C_MAIN, pool, oid, index, pool.objects.get(oid))
         return PutResult.STORED
 
     def get_compressed(
@@ -1057,21 +1304,8 @@ class Zcache:
 
         Same-filled pages come back decompressed (``compressed=False``).
         """
-        pool = self._pool(pool_id, client)
-        pampd = self.tmem.lookup(pool, check_oid(oid), check_index(index))
-        if pampd is None:
-            return None
-        if type(pampd) is not int:
-            raise RemotePageError(pampd)
-        if pampd < 0:
-            out = (self._read(pampd), False)
-        else:
-            start, end = self.zbud.span(pampd)
-            out = (self._mm[start:end], not self.zbud.flags[pampd >> 1] & F_HUGE)
-        if free or (free is None and not pool.persistent):
-            self.tmem.remove(pool, oid, index)
-            self.free(pool, oid, index, pampd)
-        return out
+        out = self.get_compressed_many(pool_id, [(oid, index)], free, client=client)
+        return out[0]
 
     def get_compressed_many(
         self,
@@ -1083,42 +1317,24 @@ class Zcache:
     ) -> list[tuple[bytes, bool] | None]:
         """Batch :meth:`get_compressed` for one pool: one result per ``(oid, index)``.
 
-        For a RAMster node answering a peer's get batch: the pool and the arena are
-        looked up once, and a handle that is found needs no validation (it was
-        validated when stored), as in :meth:`get`. Raises like :meth:`get_compressed`
-        (bad handle, remote page) at the first such key; pages before it were read
-        (and, when freeing, removed).
+        ``free=None`` means exclusive for ephemeral pools, as :meth:`get`.
         """
         pool = self._pool(pool_id, client)
-        objects = pool.objects
-        remove = bool(free) or (free is None and not pool.persistent)
-        mm = self._mm
-        span = self.zbud.span
+        remove = free or (free is None and not pool.persistent)
         out: list[tuple[bytes, bool] | None] = []
         for oid, index in keys:
-            try:
-                pages = objects.get(oid)
-            except TypeError:
-                raise InvalidHandleError(
-                    f"oid must be a tuple of three ints, got {oid!r}"
-                ) from None
-            if pages is None:
-                check_oid(oid)
-                check_index(index)
-                out.append(None)
-                continue
-            pampd = pages.get(index)
+            check_oid(oid)
+            check_index(index)
+            pampd = self.tmem.lookup(pool, oid, index)
             if pampd is None:
-                check_index(index)
                 out.append(None)
                 continue
             if type(pampd) is not int:
                 raise RemotePageError(pampd)
             if pampd < 0:
-                out.append((self._read(pampd), False))
+                out.append((self._read_pampd(pampd), False))
             else:
-                start, end = span(pampd)
-                out.append((mm[start:end], end - start != PAGE_SIZE))  # raw: a huge page
+                out.append(self._stored_form(pampd))
             if remove:
                 self.tmem.remove(pool, oid, index)
                 self.free(pool, oid, index, pampd)
@@ -1128,244 +1344,262 @@ class Zcache:
         """Decompress a stored page (e.g. one that came back from a peer)."""
         return self._decompress(data)
 
+    # ---- background work: recompression, compaction -----------------------------------
+
+    def recompress(self, max_pages: int = 64, *, now: float | None = None) -> int:
+        """Recompress up to ``max_pages`` pages idle for ``recompress_after`` seconds
+        with the strong codec (zram's recompress, done for you); returns pages looked at.
+
+        Walks each class's LRU from the oldest page (put order), from where the last
+        call stopped; pages younger than the idle age end the walk. A page is kept in
+        the strong form only when that saves at least RECOMPRESS_MIN_GAIN bytes, and only
+        where there is room beside the old copy: recompression never evicts. Call it
+        when idle; each call is short, so clients never wait long behind it.
+        """
+        strong = self.strong
+        if strong is None:
+            return 0
+        pt = self.pages
+        limit = int((pt.now() if now is None else now) - self.recompress_after)
+        looked = 0
+        for lst in (L_PERS, L_EPH):
+            h = pt.cursor[lst]
+            while h != NIL and looked < max_pages:
+                if pt.stamp[h] > limit:
+                    break
+                looked += 1
+                nxt = pt.next[h]
+                if pt.flags[h] & CODEC_MASK == C_MAIN:
+                    self._recompress_one(h, strong)
+                pt.cursor[lst] = nxt
+                h = nxt
+        return looked
+
+    def _recompress_one(self, h: int, strong: Compressor) -> None:
+        start, end = self._span(h)
+        old_size = end - start
+        page = self._read(h)
+        data = strong.compress(page)
+        if len(data) + RECOMPRESS_MIN_GAIN > old_size or not self._move(h, data, C_STRONG):
+            self.counters.recompress_skipped += 1
+            return
+        self.counters.recompressed_pages += 1
+        self.counters.recompress_saved_bytes += old_size - len(data)
+
+    @property
+    def recompress_pending(self) -> bool:
+        """Is there a page the recompressor has not looked at yet (young or not)?"""
+        return self.strong is not None and (
+            self.pages.cursor[L_PERS] != NIL or self.pages.cursor[L_EPH] != NIL
+        )
+
+    def compact_all(self) -> int:
+        """Compress every staged page, recompress every idle page, compact the
+        allocator and give resident free frames back to the OS; returns the frames the
+        allocator compaction freed."""
+        while self.compact(4096):
+            pass
+        while self.recompress(4096) == 4096:
+            pass
+        return self.compact_allocator()
+
+    def compact_allocator(self, max_moves: int = 1 << 30) -> int:
+        """Move objects out of sparse frames (zsmalloc) so whole frames go back to the
+        budget and the OS; returns the frames freed."""
+        before = self.arena.frames_used
+        if self.allocator.compactable_frames():
+            self.allocator.compact(max_moves)
+        self.arena.release_free()
+        return max(0, before - self.arena.frames_used)
+
+    def idle_work(self, max_pages: int = 256) -> bool:
+        """One short step of background work for a caller with nothing else to do:
+        compress staged pages, then recompress idle pages, then compact when enough
+        frames would come back. True if there may be more to do."""
+        if self.pages.count[L_STAGED]:
+            self.compact(max_pages)
+            return True
+        if self.strong is not None and self.recompress(max_pages):
+            return True
+        if self.allocator.compactable_frames() > max(16, self.arena.frames_used // 32):
+            self.allocator.compact(max_pages)
+            return True
+        return False
+
     # ---- stats -----------------------------------------------------------------------
 
     def metadata_bytes(self) -> int:
-        """Bytes of bookkeeping outside the arena: zbud columns plus the tmem maps.
-
-        Counts the dicts, tuples and int objects Python allocates for the tmem maps
-        (small ints are cached by CPython and cost nothing). Walks every page (about
-        35 ms per million pages).
-        """
-        return self._walk_all().metadata_bytes
-
-    def _walk_all(self) -> _MapTotals:
-        totals = _MapTotals()
-        for _ in self._walk_maps(totals, 1 << 62):
-            pass
-        return totals
-
-    def _walk_maps(self, totals: _MapTotals, pages_per_step: int) -> Iterator[None]:
-        """Add up the tmem maps' metadata bytes and objects into ``totals``, yielding
-        after each ``pages_per_step`` pages or so (between objects)."""
-        totals.metadata_bytes = self.zbud.metadata_bytes() + self._free_frames.buffer_info()[1] * 4
-        totals.metadata_bytes += sum(120 + 36 * len(run[3]) for run in self._staged)
-        getsizeof = sys.getsizeof
-        walked = 0
-        for pool in self.tmem.pools():
-            total = getsizeof(pool.objects) + 200
-            totals.obj_count += len(pool.objects)
-            for oid, pages in list(pool.objects.items()):  # it may change between steps
-                total += getsizeof(pages) + getsizeof(oid)
-                total += sum(getsizeof(w) for w in oid if w > 256)
-                for index, pampd in pages.items():
-                    if index > 256:
-                        total += 28
-                    if type(pampd) is int:
-                        if pampd > 256 or pampd < -5:  # a one-digit int is 28 bytes
-                            small = -0x3FFFFFFF <= pampd <= 0x3FFFFFFF
-                            total += 28 if small else getsizeof(pampd)
-                    else:
-                        total += getsizeof(pampd)
-                walked += len(pages)
-                if walked >= pages_per_step:
-                    totals.metadata_bytes += total
-                    total = walked = 0
-                    yield None
-            totals.metadata_bytes += total
+        """Bytes of bookkeeping outside the frames: the page table, the allocator's
+        columns, the tmem index and the arena's free lists."""
+        return self._metadata_estimate()
 
     def stats_steps(self, pages_per_step: int = 32768) -> Iterator[dict[str, int | float] | None]:
-        """:meth:`stats` in steps: yields None after each ``pages_per_step`` pages of the
-        tmem maps walked, then the stats.
-
-        For a server that must not stall its clients while it counts (a /stats scrape
-        of millions of pages): let the event loop serve requests at each None. The
-        counters are read at the end, all at one instant; only the metadata and object
-        totals are summed over the walk (objects created meanwhile are missed).
-        """
-        totals = _MapTotals()
-        yield from self._walk_maps(totals, max(1, pages_per_step))
-        yield self._stats(totals)
+        """:meth:`stats` for callers that must not stall (kept for servers that yield
+        between steps): the stats cost no walk over pages now, so there is one step."""
+        yield self.stats()
 
     def stats(self) -> dict[str, int | float]:
-        """Every zcache and zbud counter (kernel debugfs names) plus a zram-style summary."""
-        return self._stats(self._walk_all())
-
-    def _stats(self, totals: _MapTotals) -> dict[str, int | float]:
-        zb = self.zbud.counters
-        zb[EPH].note_max()
-        zb[PERS].note_max()
-        eph_zpages = zb[EPH].zpages + self.same_filled[EPH]
-        pers_zpages = zb[PERS].zpages + self.same_filled[PERS]
+        """Every zcache counter (kernel debugfs names), the allocator's own, and a
+        zram-style summary."""
+        c = self.counters
+        eph_zpages = self.zpages[EPH] + self.same_filled[EPH]
+        pers_zpages = self.zpages[PERS] + self.same_filled[PERS]
         out: dict[str, int | float] = {
             # zcache (section 4.11)
-            "obj_count": totals.obj_count,
-            "flush_total": self.counters.flush_total,
-            "flush_found": self.counters.flush_found,
-            "flobj_total": self.counters.flobj_total,
-            "flobj_found": self.counters.flobj_found,
-            "failed_eph_puts": self.counters.failed_eph_puts,
-            "failed_pers_puts": self.counters.failed_pers_puts,
-            "failed_getfreepages": self.counters.failed_getfreepages,
-            "compress_poor": self.counters.compress_poor,
-            "mean_compress_poor": self.counters.mean_compress_poor,
-            "eph_ate_tail": self.counters.eph_ate_tail,
-            "eph_ate_tail_failed": self.counters.eph_ate_tail_failed,
-            "pers_ate_eph": self.counters.pers_ate_eph,
-            "pers_ate_eph_failed": self.counters.pers_ate_eph_failed,
-            "evicted_eph_zpages": self.counters.evicted_eph_zpages,
-            "evicted_eph_pageframes": self.counters.evicted_eph_pageframes,
-            "eph_pageframes": zb[EPH].pageframes,
-            "eph_pageframes_max": zb[EPH].pageframes_max,
-            "pers_pageframes": zb[PERS].pageframes,
-            "pers_pageframes_max": zb[PERS].pageframes_max,
+            "obj_count": self.tmem.object_count(),
+            "flush_total": c.flush_total,
+            "flush_found": c.flush_found,
+            "flobj_total": c.flobj_total,
+            "flobj_found": c.flobj_found,
+            "failed_eph_puts": c.failed_eph_puts,
+            "failed_pers_puts": c.failed_pers_puts,
+            "failed_getfreepages": c.failed_getfreepages,
+            "compress_poor": c.compress_poor,
+            "mean_compress_poor": c.mean_compress_poor,
+            "eph_ate_tail": c.eph_ate_tail,
+            "eph_ate_tail_failed": c.eph_ate_tail_failed,
+            "pers_ate_eph": c.pers_ate_eph,
+            "pers_ate_eph_failed": c.pers_ate_eph_failed,
+            "evicted_eph_zpages": c.evicted_eph_zpages,
+            "evicted_eph_pageframes": c.evicted_eph_pageframes,
             "eph_zpages": eph_zpages,
-            "eph_zpages_max": zb[EPH].zpages_max,
             "pers_zpages": pers_zpages,
-            "pers_zpages_max": zb[PERS].zpages_max,
-            "eph_zbytes": zb[EPH].zbytes,
-            "pers_zbytes": zb[PERS].zbytes,
-            "zero_filled_pages": self.counters.zero_filled_pages,
-            "zero_filled_pages_max": self.counters.zero_filled_pages_max,
+            "eph_zbytes": self.zbytes[EPH],
+            "pers_zbytes": self.zbytes[PERS],
+            "zero_filled_pages": c.zero_filled_pages,
+            "zero_filled_pages_max": c.zero_filled_pages_max,
             "same_filled_pages": self.same_filled[EPH] + self.same_filled[PERS],
-            "huge_pages": zb[EPH].huge_count + zb[PERS].huge_count - zb[PERS].staged_count,
-            "huge_pages_stored": self.counters.huge_pages_stored,
-            "staged_pages": zb[PERS].staged_count,
-            "staged_pages_total": self.counters.staged_pages_total,
-            "compacted_pages": self.counters.compacted_pages,
-            "same_filled_pages_total": self.counters.same_filled_pages_total,
-            "writtenback_pages": self.counters.writtenback_pages,
-            "writeback_failed": self.counters.writeback_failed,
-            "failed_gets": self.counters.failed_gets,
+            "huge_pages": self.raw_pages - self.pages.count[L_STAGED],
+            "huge_pages_stored": c.huge_pages_stored,
+            "staged_pages": self.pages.count[L_STAGED],
+            "staged_pages_total": c.staged_pages_total,
+            "compacted_pages": c.compacted_pages,
+            "same_filled_pages_total": c.same_filled_pages_total,
+            "writtenback_pages": c.writtenback_pages,
+            "writeback_failed": c.writeback_failed,
+            "failed_gets": c.failed_gets,
             "remote_eph_pages": self.remote_pages[EPH],
             "remote_pers_pages": self.remote_pages[PERS],
+            "zombie_pages": self.zombie_pages,
+            "recompressed_pages": c.recompressed_pages,
+            "recompress_saved_bytes": c.recompress_saved_bytes,
+            "recompress_skipped": c.recompress_skipped,
+            "strong_pages": self._strong_pages(),
         }
-        for cls, prefix in ((EPH, "zbud_eph_"), (PERS, "zbud_pers_")):
-            c = zb[cls]
-            out[prefix + "zbytes"] = c.zbytes
-            out[prefix + "cumul_zbytes"] = c.cumul_zbytes
-            out[prefix + "zpages"] = c.zpages
-            out[prefix + "cumul_zpages"] = c.cumul_zpages
-            out[prefix + "pageframes"] = c.pageframes
-            out[prefix + "evicted_pageframes"] = c.evicted_pageframes
-            out[prefix + "buddied_count"] = c.buddied_count
-            out[prefix + "unbuddied_count"] = c.unbuddied_count
-        out["zbud_pers_zombie_count"] = zb[PERS].zombie_count
-        out["zbud_eph_zombie_count"] = zb[EPH].zombie_count
+        out.update(self.allocator.stats())
         stored_pages = eph_zpages + pers_zpages
-        metadata = totals.metadata_bytes
+        metadata = self._metadata_estimate()
         # What the process holds for the store: every resident arena page (free frames
-        # stay resident once touched; a prefaulted arena is resident whole) + metadata.
-        # The compression ratio is over the frames holding data, as before.
-        resident = _resident_bytes(self._mm)
-        mem_used = resident + metadata
-        holding = self.frames_used * PAGE_SIZE + metadata
+        # kept resident included; a prefaulted arena is resident whole) + metadata.
+        resident = self.arena.resident_bytes()
+        holding = self.arena.frames_used * PAGE_SIZE + metadata
         out.update(
             {
-                "frames_total": self.frames_total,
-                "frames_free": self.frames_free,
-                "frames_used": self.frames_used,
-                "memory_budget": self.frames_total * PAGE_SIZE,
+                "frames_total": self.arena.frames_total,
+                "frames_free": self.arena.frames_free,
+                "frames_used": self.arena.frames_used,
+                "frames_limit": self.arena.limit,
+                "memory_budget": self.budget,
                 "stored_pages": stored_pages,
                 "orig_data_size": stored_pages * PAGE_SIZE,
-                "compr_data_size": zb[EPH].zbytes + zb[PERS].zbytes,
+                "compr_data_size": self.zbytes[EPH] + self.zbytes[PERS],
                 "metadata_bytes": metadata,
                 "arena_resident_bytes": resident,
-                "mem_used_total": mem_used,
+                "mem_used_total": resident + metadata,
                 "compression_ratio": (stored_pages * PAGE_SIZE / holding) if holding else 0.0,
                 "metadata_bytes_per_page": (metadata / stored_pages) if stored_pages else 0.0,
             }
         )
         return out
 
+    def _strong_pages(self) -> int:
+        """Pages stored with the strong codec (a walk of the flags column: stats only)."""
+        if self.strong is None:
+            return 0
+        flags = self.pages.flags
+        return sum(1 for h in range(self.pages.cap) if flags[h] & CODEC_MASK == C_STRONG)
+
     # ---- accounting (tests and debugging; never on the put/get paths) ----------------
 
     def frame_owners(self) -> list[list[str]]:
-        """Who holds each frame of the budget: ``"free"`` once for each time the frame is
-        on the free stack, plus the allocator's kind if it holds the frame (see
-        :meth:`Zbud.frames_held`; ``"staged"`` is a raw compress-behind page).
-
-        Built by walking the free stack and the allocator's frame table, not from the
-        counters: exactly one owner per frame is the invariant :meth:`check_frames`
-        checks. Entries of the free stack outside the budget are left out here.
-        """
-        owners: list[list[str]] = [[] for _ in range(self.frames_total)]
-        for frame in self._free_frames:
-            if 0 <= frame < self.frames_total:
+        """Who holds each frame of the budget: ``"free"`` if the arena has it free, plus
+        the allocator's word for it if the allocator holds it. Built by walking the
+        arena and the allocator, not from counters: exactly one owner per frame of the
+        arena's used part is the invariant :meth:`check_frames` checks."""
+        owners: list[list[str]] = [[] for _ in range(self.arena.frames_total)]
+        for frame in self.arena.free_frames_list():
+            if 0 <= frame < len(owners):
                 owners[frame].append("free")
-        for frame, kind in self.zbud.frames_held().items():
+        for frame, kind in self.allocator.frames_held().items():
             owners[frame].append(kind)
         return owners
 
     def check_frames(self) -> list[str]:
-        """Every way the frame accounting is broken, as sentences (none: ``[]``).
+        """Every way the accounting is broken, as sentences (none: ``[]``).
 
-        * each frame of the budget has exactly one owner (:meth:`frame_owners`): none is
-          a leak, two is a frame both free and in use, or on the free stack twice;
-        * the allocator's own structures agree (:meth:`Zbud.check`);
-        * every zbud the allocator holds is mapped by exactly one tmem handle, the one
-          written in its frame, and every local handle maps to a zbud that is held (an
-          unmapped zbud can never be freed; a dangling handle reads another page);
-        * every staged frame is named by the compress-behind queue (else it is never
-          compacted).
+        * no frame is both free and held, or held twice; the arena's count of used
+          frames is what the allocator holds;
+        * the arena's and the allocator's own structures agree (their ``check()``);
+        * every live page handle is mapped by exactly the tmem entry its columns name,
+          and every local tmem entry names a live handle;
+        * every live, non-zombie handle is on the list its flags say, once; the
+          per-class counts match.
 
         For tests and debugging: it walks every frame and every stored page.
         """
-        total = self.frames_total
-        problems = [
-            f"free stack entry {frame} is outside the budget of {total} frames"
-            for frame in self._free_frames
-            if not 0 <= frame < total
-        ]
+        problems: list[str] = []
+        held = self.allocator.frames_held()
         for frame, owners in enumerate(self.frame_owners()):
-            if not owners:
-                problems.append(f"frame {frame}: held by nobody (leaked)")
-            elif len(owners) > 1:
+            if len(owners) > 1:
                 problems.append(f"frame {frame}: held {len(owners)} times: {', '.join(owners)}")
-        problems.extend("zbud: " + p for p in self.zbud.check())
-        mapped: dict[int, tuple[int, int, int, int, int, int]] = {}
+        if len(held) != self.arena.frames_used:
+            problems.append(
+                f"arena counts {self.arena.frames_used} frames used, "
+                f"the allocator holds {len(held)}"
+            )
+        problems.extend("arena: " + p for p in self.arena.check())
+        problems.extend(f"{self.allocator.name}: " + p for p in self.allocator.check())
+        pt = self.pages
+        mapped: dict[int, tuple[Oid, int]] = {}
         for pool in self.tmem.pools():
-            for oid, pages in pool.objects.items():
-                for index, pampd in pages.items():
-                    if type(pampd) is not int or pampd < 0:
-                        continue  # a remote or same-filled page holds no frame
-                    handle = (oid[0], oid[1], oid[2], index, pool.pool_id, pool.client)
-                    if pampd in mapped:
-                        problems.append(f"pampd {pampd}: mapped by {mapped[pampd]} and {handle}")
-                    else:
-                        mapped[pampd] = handle
-        held = self.zbud.frames_held()
-        for frame, kind in held.items():
-            zbuds: list[tuple[int, tuple[int, ...] | None]] = []
-            if kind == "staged":  # zcache keeps staged handles, in its queue
-                zbuds.append((frame << 1, None))
-            else:
-                try:
-                    zbuds.extend(self.zbud.handles(frame))
-                except KeyError:  # a huge frame without its handle: zbud.check said so
-                    zbuds.append((frame << 1, None))
-            for pampd, written in zbuds:
-                mapper = mapped.pop(pampd, None)
-                if mapper is None:
-                    problems.append(f"frame {frame} ({kind}): zbud {pampd} mapped by no handle")
-                elif written is not None and tuple(written) != mapper:
-                    problems.append(f"pampd {pampd}: frame names {written}, tmem maps {mapper}")
-        problems.extend(
-            f"handle {mapper} maps to zbud {pampd}, which is not held"
-            for pampd, mapper in mapped.items()
-        )
-        queued: set[int] = set()
-        for run_pool, run_oid, first, frames in self._staged:
-            entries = run_pool.objects.get(run_oid)
-            if entries is not None:
-                for k, frame in enumerate(frames):
-                    if entries.get(first + k) == frame << 1:
-                        queued.add(frame)
-        problems.extend(
-            f"frame {frame}: staged, but not on the compress-behind queue"
-            for frame in sorted(held)
-            if held[frame] == "staged" and frame not in queued
-        )
+            for oid, index, pampd in pool.items():
+                if type(pampd) is not int or pampd < 0:
+                    continue
+                if pampd in mapped:
+                    problems.append(f"handle {pampd}: mapped by {mapped[pampd]} and {(oid, index)}")
+                mapped[pampd] = (oid, index)
+                if not (0 <= pampd < pt.cap and pt.flags[pampd] & P_LIVE):
+                    problems.append(f"{(oid, index)} maps to handle {pampd}, which is not live")
+                    continue
+                obj = self.tmem.obj(pt.obj[pampd])
+                if obj is None or obj.oid != oid or obj.pool is not pool or pt.idx[pampd] != index:
+                    problems.append(f"handle {pampd}: its columns do not name {(oid, index)}")
+        zpages = [0, 0]
+        on_lists: dict[int, int] = {}
+        for lst in (L_EPH, L_PERS, L_STAGED):
+            walked = pt.walk(lst)
+            if len(walked) != pt.count[lst]:
+                problems.append(f"list {lst}: {len(walked)} linked, counted {pt.count[lst]}")
+            for h in walked:
+                if h in on_lists:
+                    problems.append(f"handle {h}: on lists {on_lists[h]} and {lst}")
+                on_lists[h] = lst
+        for h in range(pt.cap):
+            f = pt.flags[h]
+            if not f & P_LIVE:
+                if h in on_lists:
+                    problems.append(f"handle {h}: not live, but on list {on_lists[h]}")
+                continue
+            zpages[(f & P_PERS) >> 1] += 1
+            if h not in mapped:
+                problems.append(f"handle {h}: live, but no tmem entry maps it")
+            if f & P_ZOMBIE:
+                if h in on_lists:
+                    problems.append(f"handle {h}: zombie, but on list {on_lists[h]}")
+            elif on_lists.get(h) != pt.list_of(h):
+                problems.append(f"handle {h}: on list {on_lists.get(h)}, not {pt.list_of(h)}")
+        if zpages != self.zpages:
+            problems.append(f"live pages per class {zpages}, counted {self.zpages}")
         return problems
 
 
@@ -1379,43 +1613,3 @@ def _fill_pattern(page: PageArg) -> int | None:
     raw = page if type(page) is bytes else bytes(page)
     head = raw[:8]
     return int.from_bytes(head, "little") if head * (PAGE_SIZE // 8) == raw else None
-
-
-def _find_mincore() -> Any:
-    """libc's mincore(2), or None where there is none (then the arena counts whole)."""
-    try:
-        mincore = ctypes.CDLL(None, use_errno=True).mincore
-    except (OSError, AttributeError):
-        return None
-    mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
-    mincore.restype = ctypes.c_int
-    return mincore
-
-
-_MINCORE: Final = _find_mincore()
-_LOW_BIT: Final = bytes(i & 1 for i in range(256))  # mincore's other bits are unspecified
-
-
-def _resident_bytes(mm: mmap.mmap) -> int:
-    """Bytes of the mapping ``mm`` resident in RAM, asked of the kernel (mincore).
-
-    Anonymous pages count from their first write until unmapped (or swapped out);
-    where the kernel cannot be asked, the whole mapping is counted (what it may hold).
-    """
-    size = len(mm)
-    if _MINCORE is None or not size:
-        return size
-    vec = bytearray((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-    out = (ctypes.c_ubyte * len(vec)).from_buffer(vec)
-    if _MINCORE(addr, size, out) != 0:
-        return size
-    return vec.translate(_LOW_BIT).count(1) * mmap.PAGESIZE
-
-
-@dataclass
-class _MapTotals:
-    """What one walk over the tmem maps adds up (for stats)."""
-
-    metadata_bytes: int = 0
-    obj_count: int = 0
