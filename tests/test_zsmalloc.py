@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 
 import lz4.block
@@ -28,7 +29,7 @@ def test_class_table_picks_least_waste_and_merges() -> None:
             w = (other * PAGE_SIZE) % size / (other * PAGE_SIZE)
             assert w > waste or (w == waste and other >= k), (size, k, other)
     # merged: neighbours never share (k, objs); a merged size uses the larger slot
-    for (_s0, k0, o0), (_s1, k1, o1) in zip(CLASSES, CLASSES[1:], strict=False):
+    for (_s0, k0, o0), (_s1, k1, o1) in itertools.pairwise(CLASSES):
         assert (k0, o0) != (k1, o1)
     assert _class_of(3000) == (3072, 3, 4)  # 12288 / 3072: no waste at all
     assert _class_of(48) == (48, 3, 256)  # 3 frames, 0 waste, beats 1 frame (16 B waste)
@@ -55,7 +56,7 @@ def test_huge_class_is_one_object_per_frame() -> None:
 def test_objects_straddle_frame_boundaries() -> None:
     arena = Arena(8)
     zs = Zsmalloc(arena)
-    size, k, objs = _class_of(3000)
+    _size, k, objs = _class_of(3000)
     handles = [zs.alloc(3000, EPH) for _ in range(objs)]
     assert arena.frames_used == k
     spans = [zs.span(h) for h in handles]
