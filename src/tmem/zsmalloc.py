@@ -86,6 +86,7 @@ class Zsmalloc:
 
     name = "zsmalloc"
     max_size = PAGE_SIZE
+    max_mean_size = PAGE_SIZE  # nothing pairs: no limit on the mean stored size
 
     def __init__(self, frames: FrameSource) -> None:
         self._frames = frames
@@ -295,6 +296,9 @@ class Zsmalloc:
     def lru_victims(self, cls: int) -> list[int]:
         """zsmalloc keeps no LRU: its user reclaims by its own page LRU."""
         return []
+
+    def note_evicted(self, cls: int) -> None:
+        """No own LRU, so nothing to count."""
 
     def restore(self, handle: int) -> None:
         """Nothing to undo (no LRU)."""
