@@ -1,159 +1,157 @@
-"""zbud layout, best-fit placement, LRU order, eviction and zombies."""
+"""zbud layout, best-fit placement, LRU order, eviction units and zombies (the seed's
+allocator, behind the allocator interface)."""
 
 from __future__ import annotations
 
-import mmap
-
-import pytest
-
-from tmem.zbud import (
-    EPH,
-    HANDLE,
-    HANDLE_SIZE,
-    MAX_BUDDY_SIZE,
-    PAGE_SIZE,
-    PERS,
-    Zbud,
-    chunks,
-)
+from tmem.arena import Arena
+from tmem.zbud import EPH, MAX_BUDDY_SIZE, PAGE_SIZE, PERS, Zbud, chunks
 
 
-def make(nframes: int = 8) -> Zbud:
-    return Zbud(mmap.mmap(-1, nframes * PAGE_SIZE), nframes)  # type: ignore[arg-type]
+def make(nframes: int = 8) -> tuple[Arena, Zbud]:
+    arena = Arena(nframes)
+    return arena, Zbud(arena)
 
 
-def h(n: int) -> tuple[int, int, int, int, int, int]:
-    return (n, 0, 0, n, 1, 0xFFFF)
+def put(zb: Zbud, cls: int, data: bytes) -> int:
+    h = zb.alloc(len(data), cls)
+    if h >= 0:
+        start, end = zb.span(h)
+        zb.arena[start:end] = data
+    return h
 
 
 def test_constants_match_the_kernel() -> None:
-    assert HANDLE_SIZE == 32
-    assert MAX_BUDDY_SIZE == 4000
-    assert chunks(32 + 1) == 1
+    assert MAX_BUDDY_SIZE == 63 * 64  # two buddies keep one chunk apart
+    assert chunks(1) == 1 and chunks(65) == 2
     assert chunks(4032) == 63
 
 
 def test_buddy_layout_first_left_second_right() -> None:
-    zb = make()
-    a = zb.create(EPH, 0, h(1), b"A" * 1000)
-    b = zb.match(EPH, h(2), b"B" * 2000)
-    assert a == 0 and b == 1  # frame 0, buddies 0 and 1
-    start, end = zb.span(a)
-    assert (start, end) == (HANDLE_SIZE, HANDLE_SIZE + 1000)
+    _, zb = make()
+    a = put(zb, EPH, b"A" * 1000)
+    b = put(zb, EPH, b"B" * 2000)
+    assert a >> 1 == b >> 1 and (a & 1, b & 1) == (0, 1)  # one frame, buddies 0 and 1
+    frame = a >> 1
+    assert zb.span(a) == (frame * PAGE_SIZE, frame * PAGE_SIZE + 1000)
     start, end = zb.span(b)
-    assert PAGE_SIZE - 64 < end <= PAGE_SIZE  # right-justified: ends in the last chunk
+    assert (frame + 1) * PAGE_SIZE - 64 < end <= (frame + 1) * PAGE_SIZE  # right-justified
     assert bytes(zb.arena[start:end]) == b"B" * 2000
-    # the tmem handle sits in front of each buddy, inside the frame
-    assert HANDLE.unpack_from(zb.arena, 0) == h(1)
-    assert HANDLE.unpack_from(zb.arena, start - HANDLE_SIZE) == h(2)
-    assert [hd for _p, hd in zb.handles(0)] == [h(1), h(2)]
+    assert zb.handles(frame) == [a, b]
 
 
 def test_two_buddies_that_do_not_fit_take_two_frames() -> None:
-    zb = make()
-    zb.create(EPH, 0, h(1), b"A" * 2100)
-    assert zb.match(EPH, h(2), b"B" * 2100) == -1
+    arena, zb = make()
+    a = put(zb, EPH, b"A" * 2100)
+    b = put(zb, EPH, b"B" * 2100)
+    assert a >> 1 != b >> 1 and arena.frames_used == 2
 
 
 def test_best_fit_prefers_the_fullest_frame_with_room() -> None:
-    zb = make()
-    zb.create(PERS, 0, h(1), b"a" * 500)  # 9 chunks used
-    zb.create(PERS, 1, h(2), b"b" * 2500)  # 41 chunks used
-    zb.create(PERS, 2, h(3), b"c" * 3000)  # 48 chunks used
-    # 1000 bytes + handle = 17 chunks: fits frames 0 (9) and 1 (41), not 2 (48)
-    assert zb.match(PERS, h(4), b"d" * 1000) >> 1 == 1
-    assert zb.match(PERS, h(5), b"e" * 1000) >> 1 == 0
+    _, zb = make()
+    f0 = put(zb, PERS, b"a" * 500) >> 1  # 8 chunks used
+    filler0 = put(zb, PERS, b"x" * 3500)  # 55 chunks: pairs with it
+    f1 = put(zb, PERS, b"b" * 2500) >> 1  # 40 chunks used
+    filler1 = put(zb, PERS, b"y" * 1500)  # 24 chunks: pairs with it
+    put(zb, PERS, b"c" * 3100)  # 49 chunks used, alone
+    assert filler0 >> 1 == f0 and filler1 >> 1 == f1
+    zb.free(filler0)
+    zb.free(filler1)
+    # 1000 bytes = 16 chunks: fits f0 (8) and f1 (40), not the third (49)
+    assert put(zb, PERS, b"d" * 1000) >> 1 == f1
+    assert put(zb, PERS, b"e" * 1000) >> 1 == f0
 
 
 def test_classes_never_share_frames() -> None:
-    zb = make()
-    zb.create(EPH, 0, h(1), b"a" * 100)
-    assert zb.match(PERS, h(2), b"b" * 100) == -1
+    arena, zb = make()
+    a = put(zb, EPH, b"a" * 100)
+    b = put(zb, PERS, b"b" * 100)
+    assert a >> 1 != b >> 1 and arena.frames_used == 2
 
 
 def test_free_returns_frame_when_empty_and_reopens_room() -> None:
-    zb = make()
-    a = zb.create(EPH, 0, h(1), b"a" * 1000)
-    b = zb.match(EPH, h(2), b"b" * 1000)
+    arena, zb = make()
+    a = put(zb, EPH, b"a" * 1000)
+    b = put(zb, EPH, b"b" * 1000)
     assert zb.counters[EPH].buddied_count == 1
-    assert zb.free(a) == -1
-    assert zb.counters[EPH].unbuddied_count == 1
-    c = zb.match(EPH, h(3), b"c" * 2000)  # the freed half is usable again
-    assert c >> 1 == 0
-    assert zb.free(b) == -1
-    assert zb.free(c) == 0
-    assert zb.counters[EPH].pageframes == 0
-    assert zb.counters[EPH].zpages == 0
+    zb.free(a)
+    assert zb.counters[EPH].unbuddied_count == 1 and arena.frames_used == 1
+    c = put(zb, EPH, b"c" * 2000)  # the freed half is usable again
+    assert c >> 1 == b >> 1
+    zb.free(b)
+    zb.free(c)
+    assert arena.frames_used == 0  # the emptied frame went back to the arena
+    assert (zb.counters[EPH].pageframes, zb.counters[EPH].zpages) == (0, 0)
     assert zb.counters[EPH].zbytes == 0
+    assert zb.check() == []
+
+
+def test_alloc_fails_when_the_arena_refuses_a_frame() -> None:
+    arena, zb = make(2)
+    assert put(zb, EPH, b"a" * 3000) >= 0
+    assert put(zb, EPH, b"b" * 3000) >= 0
+    assert zb.alloc(3000, EPH) == -1
+    assert zb.alloc(1000, EPH) >= 0  # still fits beside the first
 
 
 def test_lru_moves_frame_on_add_not_on_remove() -> None:
-    zb = make()
-    zb.create(EPH, 0, h(1), b"a" * 1000)
-    zb.create(EPH, 1, h(2), b"b" * 3000)
-    zb.create(EPH, 2, h(3), b"c" * 3000)
-    assert zb.lru_frames(EPH) == [0, 1, 2]
-    zb.match(EPH, h(4), b"d" * 1000)  # lands in frame 0 -> MRU
-    assert zb.lru_frames(EPH) == [1, 2, 0]
-    zb.free(0 << 1 | 1)
-    assert zb.lru_frames(EPH) == [1, 2, 0]
+    _, zb = make()
+    a = put(zb, EPH, b"a" * 1000)
+    b = put(zb, EPH, b"b" * 3500)  # too big to pair with anything here
+    c = put(zb, EPH, b"c" * 3500)
+    f0, f1, f2 = a >> 1, b >> 1, c >> 1
+    assert zb.lru_frames(EPH) == [f0, f1, f2]
+    d = put(zb, EPH, b"d" * 1000)  # lands in f0 -> MRU
+    assert d >> 1 == f0 and zb.lru_frames(EPH) == [f1, f2, f0]
+    zb.free(d)
+    assert zb.lru_frames(EPH) == [f1, f2, f0]
 
 
-def test_evict_lru_returns_frame_and_handles() -> None:
-    zb = make()
-    zb.create(EPH, 3, h(1), b"a" * 1000)
-    zb.match(EPH, h(2), b"b" * 1000)
-    zb.create(EPH, 4, h(3), b"c" * 3000)
-    frame, found = zb.evict_lru(EPH)
-    assert frame == 3
-    assert [hd for _p, hd in found] == [h(1), h(2)]
-    assert zb.counters[EPH].pageframes == 1
+def test_lru_victims_zombify_the_lru_frame() -> None:
+    arena, zb = make()
+    a = put(zb, EPH, b"a" * 1000)
+    b = put(zb, EPH, b"b" * 1000)
+    c = put(zb, EPH, b"c" * 3000)
+    assert zb.lru_victims(EPH) == [a, b]  # both buddies of the LRU frame
+    assert zb.is_zombie(a) and zb.lru_frames(EPH) == [c >> 1]
+    assert bytes(zb.arena[slice(*zb.span(a))]) == b"a" * 1000  # still readable
+    assert put(zb, EPH, b"x" * 100) >> 1 != a >> 1  # takes no new buddy
+    zb.free(a)
+    zb.free(b)
+    zb.note_evicted(EPH)
     assert zb.counters[EPH].evicted_pageframes == 1
-    assert zb.lru_frames(EPH) == [4]
-    assert zb.evict_lru(PERS) == (-1, [])
+    assert arena.frames_used == len(zb.frames_held()) == 1  # x went beside c
+    assert zb.lru_victims(PERS) == []
+    assert zb.check() == []
 
 
-def test_zombie_frames_keep_data_and_take_no_new_buddies() -> None:
-    zb = make()
-    a = zb.create(PERS, 0, h(1), b"a" * 1000)
-    frame, found = zb.zombify_lru(PERS)
-    assert frame == 0 and [p for p, _ in found] == [a]
-    assert zb.is_zombie(0)
-    start, end = zb.span(a)
-    assert bytes(zb.arena[start:end]) == b"a" * 1000
-    assert zb.match(PERS, h(2), b"b" * 100) == -1  # not on the unbuddied lists
-    assert zb.counters[PERS].zombie_count == 1
-    assert zb.free(a) == 0  # the last page gone: frame handed back
-    assert zb.counters[PERS].zombie_count == 0
-    assert zb.counters[PERS].pageframes == 0
+def test_restore_returns_a_zombie_frame_to_service() -> None:
+    _, zb = make()
+    a = put(zb, PERS, b"a" * 1000)
+    assert zb.lru_victims(PERS) == [a]
+    zb.restore(a)
+    assert not zb.is_zombie(a)
+    assert zb.lru_frames(PERS) == [a >> 1]
+    assert put(zb, PERS, b"b" * 100) >> 1 == a >> 1
+    assert zb.check() == []
 
 
-def test_unzombify_returns_frame_to_service() -> None:
-    zb = make()
-    zb.create(PERS, 0, h(1), b"a" * 1000)
-    zb.zombify_lru(PERS)
-    zb.unzombify(0)
-    assert not zb.is_zombie(0)
-    assert zb.lru_frames(PERS) == [0]
-    assert zb.match(PERS, h(2), b"b" * 100) >> 1 == 0
-
-
-def test_huge_page_fills_a_frame() -> None:
-    zb = make()
+def test_huge_object_fills_a_frame() -> None:
+    arena, zb = make()
     page = bytes(range(256)) * 16
-    p = zb.create_huge(PERS, 5, h(9), page)
-    assert zb.span(p) == (5 * PAGE_SIZE, 6 * PAGE_SIZE)
-    assert zb.handles(5) == [(p, h(9))]
-    assert zb.match(PERS, h(1), b"x" * 10) == -1
-    assert zb.free(p) == 5
+    p = put(zb, PERS, page)
+    frame = p >> 1
+    assert zb.span(p) == (frame * PAGE_SIZE, (frame + 1) * PAGE_SIZE)
+    assert zb.frames_held() == {frame: "huge"}
+    assert put(zb, PERS, b"x" * 10) >> 1 != frame
+    zb.free(p)
+    assert frame not in zb.frames_held() and arena.frames_used == 1
 
 
-@pytest.mark.parametrize("cycles", [3000])
-def test_stale_entries_are_compacted(cycles: int) -> None:
-    zb = make(4)
-    for n in range(cycles):
-        a = zb.create(EPH, 0, h(n), b"a" * 700)
-        b = zb.match(EPH, h(n), b"b" * 700)
+def test_stale_entries_are_compacted() -> None:
+    _, zb = make(4)
+    for _ in range(3000):
+        a = put(zb, EPH, b"a" * 700)
+        b = put(zb, EPH, b"b" * 700)
         zb.free(b)
         zb.free(a)
     assert len(zb.lru[EPH]) < 2100

@@ -495,12 +495,14 @@ class Zcache:
         """Evict LRU ephemeral pages until ``frames`` frames went back to the budget (a
         shrinker), or no ephemeral page is left; returns the frames freed."""
         start = self.arena.frames_used
+        evicted = 0
         while start - self.arena.frames_used < frames:
             if not self._evict_eph_unit():
                 if self.allocator.compactable_frames():
                     self.allocator.compact(1 << 30)
                 break
-            if self.allocator.compactable_frames() >= frames:
+            evicted += 1
+            if not evicted & 15 and self.allocator.compactable_frames() >= frames:
                 self.allocator.compact(1 << 30)
         return max(0, start - self.arena.frames_used)
 
