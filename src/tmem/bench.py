@@ -611,7 +611,7 @@ def run_bench(
             report.runs.append(result)
             if r == 0:
                 report.zcache_stats = zc.stats()
-                frames_used = zc.frames_total - zc.frames_free
+                frames_used = zc.frames_used
             del zc
         if density:
             report.density = measure_density(items, budget, compressor, progress)

@@ -263,6 +263,7 @@ class Zcache:
         self.raw_pages = 0  # pages kept uncompressed (huge; staged ones included)
         self.zombie_pages = 0
         self._puts_since_charge = 0
+        self._frees = 0
         self._why = PutResult.STORED  # why the last failed put failed (see put_status)
         # An empty store's own structures are not charged to the budget (like its code);
         # what grows with the pages stored is.
@@ -379,6 +380,16 @@ class Zcache:
         pt.flags[h] = 0
         pt.obj[h] = NIL
         self.allocator.free(h)
+        self._frees += 1
+        if not self._frees & 255:
+            self._compact_if_fragmented()
+
+    def _compact_if_fragmented(self) -> None:
+        """Compact when frees have left more than 1/16 of the frames in use (and at
+        least 8) to be won back: fragmentation past a threshold (zram compacts on
+        demand; here it needs no caller)."""
+        if self.allocator.compactable_frames() > max(8, self.arena.frames_used >> 4):
+            self.allocator.compact(1 << 30)
 
     # ---- room ------------------------------------------------------------------------
 
@@ -648,11 +659,19 @@ class Zcache:
             obj = pool.objects.get(oid)  # reclaim may have flushed this object's pages
         start, end = self._span(h)
         self._mm[start:end] = data
-        self._record(h, cls, codec, pool, oid, index, obj)
+        self._record(h, cls, codec, clen, pool, oid, index, obj)
         return True
 
     def _record(
-        self, h: int, cls: int, codec: int, pool: Pool, oid: Oid, index: int, obj: Obj | None
+        self,
+        h: int,
+        cls: int,
+        codec: int,
+        size: int,
+        pool: Pool,
+        oid: Oid,
+        index: int,
+        obj: Obj | None,
     ) -> None:
         """Note page ``h`` (written) in the page table, on its LRU, and in tmem (an
         older page under the handle is freed)."""
@@ -668,8 +687,7 @@ class Zcache:
             pt.stamp[h] = pt.now()
         pt.append(h, cls)
         self.zpages[cls] += 1
-        start, end = self._span(h)
-        self.zbytes[cls] += end - start
+        self.zbytes[cls] += size
         if codec == C_RAW:
             self.raw_pages += 1
         old = obj.set_handle(index, h)
@@ -1290,7 +1308,7 @@ class Zcache:
                 return PutResult.NO_MEMORY
         start, end = self._span(h)
         self._mm[start:end] = data
-        self._record(h, cls, C_MAIN, pool, oid, index, pool.objects.get(oid))
+        self._record(h, cls, C_MAIN, clen, pool, oid, index, pool.objects.get(oid))
         return PutResult.STORED
 
     def get_compressed(
