@@ -42,7 +42,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Final, Protocol, TypeVar
 
 from tmem.errors import RemotePageError, TmemError, UnknownPoolError
 from tmem.zcache import LOCAL_CLIENT, Oid, PutResult, Zcache, ZombiePage
@@ -56,6 +56,8 @@ Key = tuple[int, Oid, int]  # (pool_id, oid, index) in the owner's numbering
 _Q = TypeVar("_Q")  # a queued flush: a page Key or a (pool_id, oid)
 Blob = tuple[bytes, bool]  # a page's stored form: (data, compressed)
 
+
+PUT_ROOM_TRIES: Final = 16  # make_room rounds a put may wait for before it fails
 
 class PutStatus:
     """Per-page status of a remote put (wire values)."""
@@ -305,13 +307,16 @@ class PageEngine:
         put of the same handle to the same peer).
         """
         self._persistent(pool_id)
-        while True:
+        for _ in range(PUT_ROOM_TRIES):
             status = self.zc.put_status(pool_id, oid, index, page)
             if status is PutResult.STORED:
                 return True
-            # NO_MEMORY means no frame was free: make_room(1) remotifies until one is.
+            # NO_MEMORY means no room: make_room(1) remotifies until a frame is free.
+            # A free frame is room for any page with the allocators here; the bound
+            # only keeps an allocator that needs more from spinning forever.
             if status is not PutResult.NO_MEMORY or not await self.make_room(1):
                 return False
+        return False
 
     async def get(
         self, pool_id: int, oid: Oid, index: int, free: bool | None = None
