@@ -207,6 +207,8 @@ class Zsmalloc:
         if self._cur[c] == s:
             self._cur[c] = -1
         self._cls_free_segs[c].append(self._sp_base[s])
+        if len(self._partial[c]) > 2 * self._cls_spans[c] + 16:  # stale entries pile up
+            self._partial[c] = array("i", self._partials(c))
         self._sp_inuse[s] = 0
         self._span_free.append(s)
         self._cls_spans[c] -= 1
@@ -215,10 +217,7 @@ class Zsmalloc:
         self._frames.give(first, k)
 
     def _push_partial(self, s: int, c: int) -> None:
-        stack = self._partial[c]
-        stack.append(s)
-        if len(stack) > 2 * self._cls_spans[c] + 16:
-            self._partial[c] = array("i", self._partials(c))
+        self._partial[c].append(s)
 
     def _partials(self, c: int) -> list[int]:
         """The class's non-full spans other than the current one, each once, as on its
@@ -245,8 +244,16 @@ class Zsmalloc:
             raise ValueError(f"object size {size} outside 1..{PAGE_SIZE}")
         c = self._size_class[(size + 15) >> UNIT_SHIFT]
         s = self._cur[c]
-        if s < 0:
-            return self._alloc_slow(size, c)
+        if s < 0:  # the current span filled up: a partial one (stale entries skipped)
+            stack = self._partial[c]
+            objs = self._cls_objs[c]
+            while stack:
+                s = stack.pop()
+                if self._sp_class[s] == c and 0 < self._sp_inuse[s] < objs:
+                    break
+            else:
+                return self._alloc_slow(size, c)
+            self._cur[c] = s
         slots = self._slots
         sp_free = self._sp_free
         slot = sp_free[s]
@@ -266,16 +273,9 @@ class Zsmalloc:
         return h
 
     def _alloc_slow(self, size: int, c: int) -> int:
-        """The class has no current span: a partial one, else the tail area while the
-        class is small, else a new span (the tail area when no k frames are left)."""
+        """The class has no span with room: the tail area while the class is small, else a
+        new span (the tail area when no k frames are left)."""
         objs = self._cls_objs[c]
-        stack = self._partial[c]
-        sp_class, sp_inuse = self._sp_class, self._sp_inuse
-        while stack:
-            s = stack.pop()
-            if sp_class[s] == c and 0 < sp_inuse[s] < objs:
-                self._cur[c] = s
-                return self.alloc(size, 0)
         units = (size + 15) >> UNIT_SHIFT
         if objs > 1:
             if self._cls_inuse[c] + self._cls_mixed[c] < TAIL_SPANS * objs:
@@ -425,7 +425,7 @@ class Zsmalloc:
         if inuse == 0:
             self._drop_span(s, c)
         elif inuse + 1 == self._cls_objs[c]:  # was full: has room again
-            self._push_partial(s, c)
+            self._partial[c].append(s)
 
     def lru_victims(self, cls: int) -> list[int]:
         """zsmalloc keeps no LRU: its user reclaims by its own page LRU."""
