@@ -28,6 +28,8 @@ from setuptools.command.build_ext import build_ext
 COMPILED = [
     "src/tmem/tmem_core.py",
     "src/tmem/pagetable.py",
+    "src/tmem/arena.py",
+    "src/tmem/zsmalloc.py",
     "src/tmem/zbud.py",
     "src/tmem/zcache.py",
     "src/tmem/nbd/protocol.py",

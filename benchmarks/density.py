@@ -143,23 +143,33 @@ def main() -> None:
                 r = run(path, codec, alloc, args.repeat)
                 rows.append(
                     {
-                        "corpus": corpus, "codec": codec, "allocator": alloc,
-                        "rss": r["rss"], "stats": r["stats"], "meta": r["meta"],
-                        "put": base["put"] / r["put"], "get": base["get"] / r["get"],
-                        "dict_rss": base["rss"], "ok": r["ok"] and base["ok"],
+                        "corpus": corpus,
+                        "codec": codec,
+                        "allocator": alloc,
+                        "rss": r["rss"],
+                        "stats": r["stats"],
+                        "meta": r["meta"],
+                        "put": base["put"] / r["put"],
+                        "get": base["get"] / r["get"],
+                        "dict_rss": base["rss"],
+                        "ok": r["ok"] and base["ok"],
                     }
                 )
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print("| corpus | codec | allocator | density (RSS) | density (stats) | metadata B/page "
-          "| put vs dict | get vs dict | dict density (RSS) |")
+    print(
+        "| corpus | codec | allocator | density (RSS) | density (stats) | metadata B/page "
+        "| put vs dict | get vs dict | dict density (RSS) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         flag = "" if r["ok"] else " (READ-BACK FAILED)"
-        print(f"| {r['corpus']} | {r['codec']} | {r['allocator']} | {r['rss']:.2f} | "
-              f"{r['stats']:.2f} | {r['meta']:.1f} | {r['put']:.2f}x | {r['get']:.2f}x | "
-              f"{r['dict_rss']:.2f}{flag} |")
+        print(
+            f"| {r['corpus']} | {r['codec']} | {r['allocator']} | {r['rss']:.2f} | "
+            f"{r['stats']:.2f} | {r['meta']:.1f} | {r['put']:.2f}x | {r['get']:.2f}x | "
+            f"{r['dict_rss']:.2f}{flag} |"
+        )
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ def test_free_returns_frame_when_empty_and_reopens_room() -> None:
 
 
 def test_alloc_fails_when_the_arena_refuses_a_frame() -> None:
-    arena, zb = make(2)
+    _arena, zb = make(2)
     assert put(zb, EPH, b"a" * 3000) >= 0
     assert put(zb, EPH, b"b" * 3000) >= 0
     assert zb.alloc(3000, EPH) == -1

@@ -171,7 +171,8 @@ def test_staged_pages_are_compacted_before_anything_is_written_back(
     # compaction freed were staged into again)
     staged_total = stats["staged_pages_total"]
     assert 56 <= staged_total < 100
-    assert stats["compacted_pages"] == staged_total - stats["staged_pages"] >= 30
+    # the puts after the budget filled made room by compressing staged pages
+    assert stats["compacted_pages"] == staged_total - stats["staged_pages"] >= 10
     assert spill.pages == {}  # nothing had to leave RAM
     assert read_all(zc, pool, 100) == compressible
 

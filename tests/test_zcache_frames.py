@@ -111,7 +111,9 @@ def test_detects_a_page_lost_from_its_lru(anon_pages: list[bytes], allocator: st
 
 
 @pytest.mark.parametrize("allocator", ALLOCATORS)
-def test_detects_a_staged_page_missing_from_its_list(anon_pages: list[bytes], allocator: str) -> None:
+def test_detects_a_staged_page_missing_from_its_list(
+    anon_pages: list[bytes], allocator: str
+) -> None:
     zc, _ = filled(anon_pages, allocator, behind=True)
     handle = zc.pages.head[L_STAGED]
     zc.pages.unlink(handle, L_STAGED)  # compact() would never reach it

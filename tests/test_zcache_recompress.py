@@ -13,10 +13,10 @@ PAGE = 4096
 
 
 @pytest.mark.parametrize("allocator", ["zsmalloc", "zbud"])
-def test_idle_pages_are_recompressed_and_read_back(
-    anon_pages: list[bytes], allocator: str
-) -> None:
-    zc = Zcache("16MiB", huge_pages=True, recompress="zstd", recompress_after=30.0, allocator=allocator)
+def test_idle_pages_are_recompressed_and_read_back(anon_pages: list[bytes], allocator: str) -> None:
+    zc = Zcache(
+        "16MiB", huge_pages=True, recompress="zstd", recompress_after=30.0, allocator=allocator
+    )
     pool = zc.new_pool(persistent=True)
     pages = anon_pages[:600]
     for i, page in enumerate(pages):

@@ -38,7 +38,7 @@ find_fills: Callable[[Buffer], list[int]] | None = (
 @dataclass(frozen=True, slots=True)
 class Compressor:
     """A named page codec. ``compress`` takes any contiguous buffer of a page;
-    ``decompress(data)`` takes bytes, returns PAGE_SIZE bytes.
+    ``decompress(data)`` takes any buffer (a view of the arena), returns PAGE_SIZE bytes.
 
     ``gather(arena, spans)``, when present, reads a run of stored pages out of an arena
     in one call (see :mod:`tmem._lz4pages`); zcache falls back to one decompress per
@@ -47,7 +47,7 @@ class Compressor:
 
     name: str
     compress: Callable[[Buffer], bytes]
-    decompress: Callable[[bytes], bytes]
+    decompress: Callable[[Buffer], bytes]
     gather: Callable[[object, list[int]], bytearray] | None = None
 
 
@@ -100,7 +100,7 @@ def _zstd(level: int = 1) -> Compressor:
     compress = cctx.compress
     decompress = dctx.decompress
 
-    def d(data: bytes) -> bytes:
+    def d(data: Buffer) -> bytes:
         out: bytes = decompress(data, max_output_size=PAGE_SIZE)
         if len(out) != PAGE_SIZE:
             raise ValueError("zstd: decompressed page has the wrong size")

@@ -104,7 +104,6 @@ RECOMPRESS_MIN_GAIN: Final = 32  # bytes a recompression must save to be kept
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 
-
 class PutResult(enum.IntEnum):
     """Why a put did or did not store the page."""
 
@@ -282,7 +281,11 @@ class Zcache:
         ahead = pages_ahead * 48 + self.pages.next_growth_bytes()
         meta = max(0, self._metadata_estimate() - self._meta_base) + ahead
         frames = self.arena.frames_total - -(-meta // PAGE_SIZE)
-        self.arena.limit = max(1, min(self.arena.frames_total, frames))
+        # Never below the frames in use: the data already there keeps its frames, and the
+        # limit comes down as reclaim and frees return them (frees must always make
+        # room: compaction and compress-behind rely on it).
+        arena = self.arena
+        arena.limit = min(arena.frames_total, max(1, frames, arena.frames_used))
 
     def _metadata_estimate(self) -> int:
         """Bytes of metadata, from sizes and counts (no walk over pages)."""
@@ -885,21 +888,23 @@ class Zcache:
         if new < 0:
             if raw_page is None:
                 return False
+            # Free the old copy and store the page again in its room. Metadata may have
+            # been charged the frame meanwhile (limit below use): lend it back for this
+            # page, which already had it.
             self.allocator.free(h)
             freed = True
-            new = self._alloc(size, cls)
-            if new < 0:  # keep it raw in the frame just freed (metadata may have
-                # taken it meanwhile: lend it back for this page, which already had it)
-                data, size, codec = raw_page, PAGE_SIZE, C_RAW
-                arena = self.arena
-                limit = arena.limit
-                arena.limit = min(arena.frames_total, max(limit, arena.frames_used + 1))
-                try:
+            arena = self.arena
+            limit = arena.limit
+            arena.limit = min(arena.frames_total, max(limit, arena.frames_used + 1))
+            try:
+                new = self._alloc(size, cls)
+                if new < 0:  # no room for it compressed: keep it raw
+                    data, size, codec = raw_page, PAGE_SIZE, C_RAW
                     new = self._alloc(PAGE_SIZE, cls)
-                finally:
-                    arena.limit = limit
-                if new < 0:
-                    raise TmemError("no frame for a page whose own frame was just freed")
+            finally:
+                arena.limit = limit
+            if new < 0:
+                raise TmemError("no frame for a page whose own frame was just freed")
         start, end = self._span(new)
         self._mm[start:end] = data
         if new >= pt.cap:
@@ -1229,11 +1234,7 @@ class Zcache:
             if expected is None:
                 return True
             h = expected.pampd
-            return (
-                current == h
-                and 0 <= h < self.pages.cap
-                and bool(self.pages.flags[h] & P_ZOMBIE)
-            )
+            return current == h and 0 <= h < self.pages.cap and bool(self.pages.flags[h] & P_ZOMBIE)
 
         if self.tmem.replace(pool, check_oid(oid), check_index(index), pampd, still_current):
             self.remote_pages[pool.persistent] += 1

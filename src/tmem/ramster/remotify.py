@@ -59,6 +59,7 @@ Blob = tuple[bytes, bool]  # a page's stored form: (data, compressed)
 
 PUT_ROOM_TRIES: Final = 16  # make_room rounds a put may wait for before it fails
 
+
 class PutStatus:
     """Per-page status of a remote put (wire values)."""
 
