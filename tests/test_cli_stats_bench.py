@@ -46,7 +46,8 @@ def test_stats_json_has_counters() -> None:
         "frontswap_invalidates",
         "eph_ate_tail",
         "compress_poor",
-        "zbud_pers_zpages",
+        "pers_zpages",
+        "zs_objects",
         "orig_data_size",
         "compr_data_size",
         "mem_used_total",
@@ -63,7 +64,7 @@ def test_stats_json_has_counters() -> None:
 
 def test_stats_table() -> None:
     out = tmem("stats", "--pages", "300", "--memory", "1M")
-    assert "summary" in out and "zbud" in out and "frontswap" in out
+    assert "summary" in out and "zsmalloc" in out and "frontswap" in out
     assert "compression_ratio" in out
 
 
@@ -296,7 +297,7 @@ def test_stats_url_against_tmem_serve(tmp_path: Path) -> None:
         data = json.loads(tmem("stats", "--url", url, "--json"))
         assert data["zcache"]["frames_total"] == 1024
         out = tmem("stats", "--url", url)
-        assert "summary" in out and "zbud" in out and "blockdev" in out
+        assert "summary" in out and "zsmalloc" in out and "blockdev" in out
     finally:
         server.terminate()
         server.wait(timeout=30)

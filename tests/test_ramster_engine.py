@@ -71,10 +71,15 @@ def foreign(eng: PageEngine, client: int, key: Key) -> bytes | None:
 
 
 def make(
-    fabric: Fabric, n: int, memory: str, replicas: int = 2, policy: TargetPolicy | None = None
+    fabric: Fabric,
+    n: int,
+    memory: str,
+    replicas: int = 2,
+    policy: TargetPolicy | None = None,
+    allocator: str = "zsmalloc",
 ) -> PageEngine:
     eng = PageEngine(
-        Zcache(memory),
+        Zcache(memory, allocator=allocator),
         node_number=n,
         peers=fabric.peer(n),
         policy=policy or LeastLoaded(),
@@ -87,7 +92,7 @@ def make(
 
 
 def pages(n: int, seed: int = 0) -> list[bytes]:
-    """Half-random pages: two never share a frame, so a node keeps one page a frame."""
+    """Half-random pages (~2070 B compressed): a node keeps fewer than two a frame."""
     rng = random.Random(seed)
     return [rng.randbytes(2048) + bytes(2048) for _ in range(n)]
 
@@ -105,10 +110,10 @@ def test_full_node_holds_writes_and_remotifies_to_two_replicas() -> None:
         for i, p in enumerate(ps):
             assert await a.put(pool, OID, i, p)
         assert a.c.writes_held >= 1
-        # each page once, local or remote; 64 frames keep at most 64 of them
+        # each page once, local or remote; 64 frames keep fewer than 128 of them
         remote = a.c.remote_pers_pages
         assert a.zc.stats()["pers_zpages"] + remote == len(ps)
-        assert remote >= len(ps) - a.zc.frames_total
+        assert remote >= len(ps) - 2 * a.zc.frames_total
         assert b.stats()["foreign_pers_pages"] == c.stats()["foreign_pers_pages"] == remote
         for i, p in enumerate(ps):
             assert await a.get(pool, OID, i) == p
@@ -169,7 +174,7 @@ def test_node_death_rereplicates_and_loses_nothing() -> None:
         for i, p in enumerate(ps):
             assert await a.put(pool, OID, i, p)
         remote = a.c.remote_pers_pages
-        assert remote >= len(ps) - a.zc.frames_total  # 64 frames, one page each
+        assert remote >= len(ps) - 2 * a.zc.frames_total  # 64 frames, < 2 pages each
         victim_engine = max(peers, key=lambda e: e.stats()["foreign_pers_pages"])
         victim = victim_engine.node_number
         on_victim = victim_engine.stats()["foreign_pers_pages"]
@@ -258,7 +263,7 @@ def test_repatriation_pulls_remote_pages_home_when_memory_frees() -> None:
         for i, p in enumerate(keep):
             assert await a.put(pool, OID, i, p)
         remote_before = a.c.remote_pers_pages
-        assert remote_before >= len(keep) - a.zc.frames_total  # one page a frame
+        assert remote_before >= max(1, len(keep) - 2 * a.zc.frames_total)
         local = [(pool, OID, i) for i in range(len(keep)) if (pool, OID, i) not in a.remote]
         for _pool, oid, index in local:  # free local memory
             assert a.flush_page(pool, oid, index)
@@ -369,12 +374,15 @@ def test_random_ops_and_single_node_failures_match_a_model(seed: int) -> None:
     run(main())
 
 
-def test_local_pages_sharing_frames_with_foreign_pages_are_still_remotified() -> None:
+@pytest.mark.parametrize("allocator", ["zsmalloc", "zbud"])
+def test_local_pages_sharing_frames_with_foreign_pages_are_still_remotified(
+    allocator: str,
+) -> None:
     async def main() -> None:
         f = Fabric()
-        a = make(f, 1, "1MiB", replicas=1)
-        b = make(f, 2, "1MiB", replicas=1, policy=Manual(1))
-        c = make(f, 3, "4MiB", replicas=1)
+        a = make(f, 1, "1MiB", replicas=1, allocator=allocator)
+        b = make(f, 2, "1MiB", replicas=1, policy=Manual(1), allocator=allocator)
+        c = make(f, 3, "4MiB", replicas=1, allocator=allocator)
         pa, pb = a.new_pool(persistent=True), b.new_pool(persistent=True)
         rng = random.Random(22)
         # ~1.3 KiB compressed: zbud pairs a's own page with b's foreign one in a frame
@@ -385,9 +393,15 @@ def test_local_pages_sharing_frames_with_foreign_pages_are_still_remotified() ->
             assert await b.put(pb, OID, i, theirs[i])
             assert await b.remotify_once(1) == 1  # lands on a, next to a's own page
         assert a.stats()["foreign_pers_pages"] == 60
-        zb = a.zc.zbud
-        mixed = [fr for fr in zb.lru_frames(1) if len({h[5] for _p, h in zb.handles(fr)}) > 1]
-        assert len(mixed) > 30
+        # a's own pages and b's share frames (zbud: as buddies; zsmalloc: in spans)
+        pt = a.zc.pages
+        owners: dict[int, set[int]] = {}
+        for h in pt.walk(1):
+            obj = a.zc.tmem.obj(pt.obj[h])
+            assert obj is not None
+            start, _end = a.zc.allocator.span(h)
+            owners.setdefault(start // 4096, set()).add(obj.pool.client)
+        assert sum(len(clients) > 1 for clients in owners.values()) > 20
         moved = await a.remotify_once(60)
         assert moved == 60 and a.c.pers_pages_remoted == 60  # all of a's own pages
         assert c.stats()["foreign_pers_pages"] == 60
@@ -418,7 +432,7 @@ def test_front_end_hooks_make_room_and_fetch_remote() -> None:
         for i, p in enumerate(ps):
             assert await a.make_room(1)
             assert zc.put(pool, OID, i, p)
-        assert a.c.pers_pages_remoted >= len(ps) - zc.frames_total  # one page a frame
+        assert a.c.pers_pages_remoted >= len(ps) - 2 * zc.frames_total  # < 2 a frame
         for i, p in enumerate(ps):
             try:
                 got = zc.get(pool, OID, i)

@@ -1,4 +1,5 @@
-"""``tmem stats``: zcache, zbud and front-end counters as tables or JSON.
+"""``tmem stats``: zcache, allocator (zsmalloc, zbud) and front-end counters as tables
+or JSON.
 
 Without ``--url`` it runs a small embedded workload (frontswap stores and loads,
 cleancache puts and gets, through a budget small enough for ouroboros to run) so
@@ -47,6 +48,7 @@ _BYTE_KEYS = ("_size", "_bytes", "zbytes", "mem_used_total", "memory_budget")
 #: most specific prefix first
 _PREFIX_GROUPS = (
     ("zbud_", "zbud"),
+    ("zs_", "zsmalloc"),
     ("cleancache_", "cleancache"),
     ("frontswap_", "frontswap"),
 )
@@ -67,14 +69,15 @@ def _flatten(prefix: str, value: Mapping[str, Any], out: dict[str, Scalar]) -> N
 
 
 def group_stats(stats: Mapping[str, Any]) -> dict[str, dict[str, Scalar]]:
-    """Split a stats mapping into display groups: summary, zcache, zbud, front ends.
+    """Split a stats mapping into display groups: summary, zcache, the allocator's,
+    front ends.
 
-    Flat keys are grouped by name (``zbud_*``, ``cleancache_*``, ``frontswap_*``,
+    Flat keys are grouped by name (``zbud_*``, ``zs_*``, ``cleancache_*``, ``frontswap_*``,
     the summary keys, everything else under zcache). A server sends sections
     (``{"zcache": {...}, "blockdev": {...}, "server": {...}}``): the zcache section
     is split the same way, any other section becomes a group named by its key.
     """
-    groups: dict[str, dict[str, Scalar]] = {"summary": {}, "zcache": {}, "zbud": {}}
+    groups: dict[str, dict[str, Scalar]] = {"summary": {}, "zcache": {}}
     _group_into(stats, groups)
     if groups["summary"]:
         order = {k: i for i, k in enumerate(SUMMARY_KEYS)}
@@ -211,7 +214,7 @@ def demo_stats(pages: int, memory: int, compressor: str, corpus: str) -> dict[st
 def stats(
     url: str | None, pages: int, memory: int, compressor: str, corpus: str, as_json: bool
 ) -> None:
-    """Print zcache/zbud counters and the zram-style summary (table or --json)."""
+    """Print zcache and allocator counters and the zram-style summary (table or --json)."""
     if url is not None:
         data: Mapping[str, Any] = fetch_stats(url)
         title = url
