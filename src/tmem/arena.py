@@ -53,6 +53,7 @@ def _find_mincore() -> Any:
 
 
 _MINCORE: Final = _find_mincore()
+
 _LOW_BIT: Final = bytes(i & 1 for i in range(256))  # mincore's other bits are unspecified
 
 
@@ -68,9 +69,16 @@ class Arena:
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
         if prefault:
             flags |= int(getattr(mmap, "MAP_POPULATE", 0))
-        else:
+        try:
+            self._mm = mmap.mmap(-1, frames_total * PAGE_SIZE, flags=flags)
+        except OSError:
+            # A budget past what the kernel's overcommit heuristic allows: reserve no
+            # swap for it (pages are still only touched on demand). Not the default:
+            # some kernels account a NORESERVE mapping's page tables as file RSS.
+            if prefault:
+                raise
             flags |= _MAP_NORESERVE
-        self._mm = mmap.mmap(-1, frames_total * PAGE_SIZE, flags=flags)
+            self._mm = mmap.mmap(-1, frames_total * PAGE_SIZE, flags=flags)
         self._memory = memoryview(self._mm)
         self._limit = frames_total
         self.frames_used = 0

@@ -130,18 +130,3 @@ def get_compressor(name: str) -> Compressor:
 
 COMPRESSORS: tuple[str, ...] = ("lz4", "lzo", "zstd")
 
-
-def _page_in_codecs() -> None:
-    """Run each built-in codec once at import.
-
-    The first use of libzstd faults ~0.7 MiB of its code into the process (file-backed,
-    shared with every other process using it). Paying that with the import keeps a
-    store's RSS growth what its pages cost, and the first put as fast as the next.
-    """
-    page = bytes(range(256)) * (PAGE_SIZE // 256)
-    for name in ("lz4", "zstd"):
-        codec = get_compressor(name)
-        codec.decompress(codec.compress(page))
-
-
-_page_in_codecs()
