@@ -129,4 +129,3 @@ def get_compressor(name: str) -> Compressor:
 
 
 COMPRESSORS: tuple[str, ...] = ("lz4", "lzo", "zstd")
-

@@ -99,7 +99,7 @@ ALLOCATORS: Final = ("zsmalloc", "zbud")
 EPH_MAX_ZSIZE: Final = 4000
 PERS_MAX_ZSIZE: Final = PAGE_SIZE * 7 // 8  # 3584
 SAME_FILLED_PROBE: Final = 64  # only pages compressing to <= this many bytes can be same-filled
-CHARGE_EVERY: Final = 256  # pages stored between two metadata charges to the budget
+CHARGE_EVERY: Final = 1024  # pages stored between two metadata charges to the budget
 RECOMPRESS_MIN_GAIN: Final = 32  # bytes a recompression must save to be kept
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
