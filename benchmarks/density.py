@@ -186,8 +186,8 @@ def main() -> None:
         flag = "" if r["ok"] else " (READ-BACK FAILED)"
         print(
             f"| {r['corpus']} | {r['codec']} | {r['allocator']} | {r['rss']:.2f} | "
-            f"{r['anon']:.2f} | {r['stats']:.2f} | {r['meta']:.1f} | {r['put']:.2f}x | {r['get']:.2f}x | "
-            f"{r['dict_rss']:.2f}{flag} |"
+            f"{r['anon']:.2f} | {r['stats']:.2f} | {r['meta']:.1f} | {r['put']:.2f}x | "
+            f"{r['get']:.2f}x | {r['dict_rss']:.2f}{flag} |"
         )
 
 
