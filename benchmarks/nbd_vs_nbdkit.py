@@ -37,6 +37,7 @@ Not a timed test; run it by hand:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -51,7 +52,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
-sys.path.insert(0, str(SRC))
+# The installed tmem (compiled, as users run it) when there is one, else the tree's.
+INSTALLED = importlib.util.find_spec("tmem") is not None
+if not INSTALLED:
+    sys.path.insert(0, str(SRC))
 
 from tmem.corpus import sha256_file, write_real_image  # noqa: E402
 from tmem.sizes import format_size, parse_size  # noqa: E402
@@ -83,7 +87,7 @@ class Server:
                 "--size", str(size), "--ready-file", str(ready), "--stats", "127.0.0.1:0",
                 "--log-level", "warning", *extra,
             ]  # fmt: skip
-            env = dict(os.environ, PYTHONPATH=str(SRC))
+            env = dict(os.environ) if INSTALLED else dict(os.environ, PYTHONPATH=str(SRC))
             self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
             wait_for(ready, self.proc, "tmem serve")
             self.stats_url = json.loads(ready.read_text())["stats"]

@@ -13,6 +13,7 @@ Usage: python3 benchmarks/scaling.py [--small 10000] [--large 1000000]
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -41,7 +42,9 @@ def bench(n: int, repeat: int, corpus: str, compressor: str) -> dict[str, Any]:
         "--compressor",
         compressor,
     ]
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    # the installed tmem (compiled, as users run it) when there is one, else the tree's
+    installed = importlib.util.find_spec("tmem") is not None
+    env = dict(os.environ) if installed else {**os.environ, "PYTHONPATH": str(SRC)}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out)  # type: ignore[no-any-return]
 
