@@ -100,6 +100,8 @@ EPH_MAX_ZSIZE: Final = 4000
 PERS_MAX_ZSIZE: Final = PAGE_SIZE * 7 // 8  # 3584
 SAME_FILLED_PROBE: Final = 64  # only pages compressing to <= this many bytes can be same-filled
 CHARGE_EVERY: Final = 1024  # pages stored between two metadata charges to the budget
+COMPACT_EVERY: Final = 256  # frees between two fragmentation checks, at first
+COMPACT_EVERY_MAX: Final = 65536
 RECOMPRESS_MIN_GAIN: Final = 32  # bytes a recompression must save to be kept
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
@@ -262,7 +264,8 @@ class Zcache:
         self.raw_pages = 0  # pages kept uncompressed (huge; staged ones included)
         self.zombie_pages = 0
         self._puts_since_charge = 0
-        self._frees = 0
+        self._frees = 0  # frees since the last fragmentation check
+        self._compact_every = COMPACT_EVERY
         self._why = PutResult.STORED  # why the last failed put failed (see put_status)
         # An empty store's own structures are not charged to the budget (like its code);
         # what grows with the pages stored is.
@@ -384,15 +387,24 @@ class Zcache:
         pt.obj[h] = NIL
         self.allocator.free(h)
         self._frees += 1
-        if not self._frees & 255:
+        if self._frees >= self._compact_every:
             self._compact_if_fragmented()
 
     def _compact_if_fragmented(self) -> None:
         """Compact when frees have left more than 1/16 of the frames in use (and at
         least 8) to be won back: fragmentation past a threshold (zram compacts on
-        demand; here it needs no caller)."""
-        if self.allocator.compactable_frames() > max(8, self.arena.frames_used >> 4):
-            self.allocator.compact(1 << 30)
+        demand; here it needs no caller). When a compaction wins back less than half
+        of that, the next check waits twice as many frees (up to 64k)."""
+        self._frees = 0
+        threshold = max(8, self.arena.frames_used >> 4)
+        if self.allocator.compactable_frames() <= threshold:
+            return
+        before = self.arena.frames_used
+        self.allocator.compact(1 << 30)
+        if before - self.arena.frames_used < threshold // 2:
+            self._compact_every = min(COMPACT_EVERY_MAX, self._compact_every * 2)
+        else:
+            self._compact_every = COMPACT_EVERY
 
     # ---- room ------------------------------------------------------------------------
 
