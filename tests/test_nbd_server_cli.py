@@ -37,7 +37,8 @@ def test_help_says_volatile_and_lists_options() -> None:
     assert "VOLATILE" in text and "not a persistent disk" in text
     for opt in ("--listen", "--size", "--memory", "--compressor", "--backing", "--export-name",
                 "--config", "--stats", "--mlock", "--log-level",
-                "--no-compress-behind"):  # fmt: skip
+                "--no-compress-behind", "--allocator", "--prefault", "--recompress",
+                "--recompress-after"):  # fmt: skip
         assert opt in text
 
 
@@ -48,6 +49,10 @@ def test_help_says_volatile_and_lists_options() -> None:
         (["--compressor", "gzip"], "unknown compressor"),
         (["--listen", "nowhere"], "HOST:PORT"),
         (["--memory", "lots"], "not a size"),
+        (["--allocator", "slab"], "'slab' is not one of 'zsmalloc', 'zbud'"),
+        (["--recompress", "gzip"], "unknown compressor 'gzip'"),
+        (["--recompress", "zstd", "--recompress-after", "-2s"], "must not be negative"),
+        (["--recompress-after", "soon"], "not a duration"),
     ],
 )
 def test_bad_options_fail_fast(args: list[str], msg: str) -> None:

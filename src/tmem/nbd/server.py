@@ -659,6 +659,10 @@ def build_device(config: ServeConfig, zcache: Zcache | None = None) -> BlockDevi
         backing=config.backing,
         zcache=zcache,
         compress_behind=config.compress_behind,
+        allocator=config.allocator,
+        prefault=config.arena_prefault,
+        recompress=config.recompress,
+        recompress_after=config.recompress_after,
     )
 
 
@@ -670,6 +674,8 @@ async def serve_async(
 ) -> None:
     """Run a server for ``config`` until ``stop`` is set (or SIGTERM/SIGINT)."""
     if config.mlock:
+        if not config.prefault:
+            log.info("--mlock implies --prefault: the whole --memory budget is resident")
         lock_memory()
     tune_malloc()
     tune_gc()
