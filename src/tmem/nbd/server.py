@@ -41,7 +41,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, cast
 
-from tmem.aio import loop_factory, run_in_steps
+from tmem.aio import IDLE_POLL, IdleWork, loop_factory, run_in_steps
 from tmem.errors import ConfigError, RemotePageError
 from tmem.nbd import protocol as proto
 from tmem.nbd.blockdev import CHUNK_PAGES, BlockDevice, BlockDeviceError
@@ -62,15 +62,11 @@ SHUTDOWN_GRACE = 2.0
 # must not pile up (each costs a file descriptor and a connection object).
 HANDSHAKE_TIMEOUT = 30.0
 UNIX_SNDBUF = 4 << 20
-# Idle work runs after this much quiet on every connection, IDLE_BATCH pages (a
-# fraction of a millisecond) between looks at the clients; with nothing to do it sleeps
-# until a client sends something or IDLE_POLL seconds pass (pages written earlier
-# become old enough to recompress while nobody talks to the server).
+# Idle work (tmem.aio.IdleWork) runs after this much quiet on every connection, a batch
+# of pages (a fraction of a millisecond) between looks at the clients; with nothing to
+# do it sleeps until a client sends something or IDLE_POLL seconds pass (pages written
+# earlier become old enough to recompress while nobody talks to the server).
 IDLE_QUIET = 0.002
-IDLE_BATCH = 32
-IDLE_POLL = 1.0
-IDLE_RELEASE_MOVES = 256  # allocator moves when handing frames back (well under 1 ms)
-IDLE_STUCK_STEPS = 256  # steps without visible progress before idle work pauses
 IDLE_ERROR_LOG_EVERY = 60.0  # seconds between log lines for a failure that repeats
 # A /stats scrape walks the tmem maps this many pages at a time (~1 ms each), letting
 # clients' requests in between.
@@ -103,9 +99,7 @@ class ServerCounters:
         self.internal_errors = 0
         self.shutdown_replies = 0
         self.pauses = 0
-        self.idle_steps = 0
         self.idle_errors = 0
-        self.frame_releases = 0
 
 
 class NbdServer:
@@ -130,6 +124,7 @@ class NbdServer:
         self.started = time.monotonic()
         self.last_input = 0.0  # time.monotonic() of the latest bytes from any client
         self.input_seen = asyncio.Event()  # set by every client input: wakes idle work
+        self.idle_work = IdleWork(device.zcache)
         self._idle_task: asyncio.Task[None] | None = None
         self._last_idle_error = -IDLE_ERROR_LOG_EVERY
 
@@ -140,49 +135,24 @@ class NbdServer:
             self._idle_task = asyncio.get_running_loop().create_task(self._idle_loop())
 
     async def _idle_loop(self) -> None:
-        zc = self.device.zcache
-        frames_mark = zc.frames_used  # frames in use when they were last handed back
-        stuck = 0  # steps in a row that said "more" but changed nothing we can see
-        before = self._progress(zc)
+        work = self.idle_work
         while True:
             wait = self.last_input + IDLE_QUIET - time.monotonic()
             if wait > 0:  # clients are busy: they come first
                 await asyncio.sleep(wait)
                 continue
             try:
-                more = zc.idle_work(IDLE_BATCH)
-                if not more and zc.frames_used < frames_mark:
-                    # The store shrank (a TRIM, pages dropped): hand sparse frames and
-                    # the few free frames the arena keeps resident for churn back to
-                    # the OS, so an idle server's RSS follows what it stores.
-                    zc.compact_allocator(IDLE_RELEASE_MOVES)
-                    self.counters.frame_releases += 1
-                    frames_mark = zc.frames_used
-                self.counters.idle_steps += 1
+                more = work.step()
             except Exception:  # never let the data path die with the helper
                 self._idle_failed()
                 await asyncio.sleep(IDLE_POLL)
                 continue
             if more:
-                now = self._progress(zc)
-                stuck = stuck + 1 if now == before else 0
-                before = now
-                if stuck < IDLE_STUCK_STEPS:
-                    await asyncio.sleep(0)
-                    continue
-                # Work that makes no progress must not spin the CPU: look again later.
-                log.debug("idle work made no progress in %d steps; pausing", stuck)
-                stuck = 0
-            frames_mark = max(frames_mark, zc.frames_used)
+                await asyncio.sleep(0)
+                continue
             self.input_seen.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.input_seen.wait(), IDLE_POLL)
-
-    @staticmethod
-    def _progress(zc: Zcache) -> tuple[int, int, int]:
-        """What idle work changes as it goes (staged pages, frames, recompressions)."""
-        c = zc.counters
-        return zc.staged_pages, zc.frames_used, c.recompressed_pages + c.recompress_skipped
 
     def _idle_failed(self) -> None:
         """Count and log (rate-limited) a failure of idle work; the task goes on after
@@ -278,9 +248,9 @@ class NbdServer:
             "server_internal_errors": c.internal_errors,
             "server_shutdown_replies": c.shutdown_replies,
             "server_backpressure_pauses": c.pauses,
-            "server_idle_work_steps": c.idle_steps,
+            "server_idle_work_steps": self.idle_work.steps,
             "server_idle_work_errors": c.idle_errors,
-            "server_frame_releases": c.frame_releases,
+            "server_frame_releases": self.idle_work.releases,
             "server_requests_in_flight": sum(len(x.tasks) for x in self._conns),
             "server_shutting_down": int(self.shutting_down),
             "server_uptime_seconds": round(time.monotonic() - self.started, 3),
