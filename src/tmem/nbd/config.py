@@ -74,6 +74,9 @@ class ServeConfig:
     recompress_after: float = 30.0  # seconds a page must be idle to be recompressed
     log_level: str = "info"
     ready_file: str | None = None
+    # Names set by the file or the command line (the rest are defaults): a cluster
+    # node's export lets its cluster file decide what its serve options leave open.
+    given: frozenset[str] = field(default_factory=frozenset, compare=False, repr=False)
 
     @property
     def arena_prefault(self) -> bool:
@@ -120,7 +123,7 @@ class ServeConfig:
         return self
 
 
-_NAMES = {f.name for f in fields(ServeConfig)}
+_NAMES = {f.name for f in fields(ServeConfig)} - {"given"}
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -194,4 +197,4 @@ def load_config(
         if value is None or (name == "listen" and not value):
             continue
         values[name] = _coerce(name, value)
-    return ServeConfig(**values).validate()
+    return ServeConfig(**values, given=frozenset(values)).validate()
