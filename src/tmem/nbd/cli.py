@@ -27,7 +27,8 @@ compress, and the oldest pages once RAM is full, spill to --backing PATH if give
 With --compress-behind (the default) a write lands raw in a free frame of the
 budget and is compressed when the server is idle, or at once when the frame is
 needed: bursts of writes run at memory speed, and density is the same once the
-server has caught up.
+server has caught up. RAM is taken from the OS as pages arrive and given back as
+they go (--prefault reserves the whole budget at start instead).
 Any NBD client can use it: nbd-client (swap or a filesystem), qemu, nbdcopy, nbdinfo.
 
 The export is VOLATILE, like zram: its contents live only while this server runs.
