@@ -93,6 +93,8 @@ def test_bad_compressor(anon_pages: list[bytes]) -> None:
 
     with pytest.raises(ConfigError):
         bench.run_bench(anon_pages, n=10, compressor="gzip")
+    with pytest.raises(ConfigError, match="unknown allocator 'slab'"):
+        bench.run_bench(anon_pages, n=10, allocator="slab")
 
 
 def _compressible(pages: list[bytes], count: int) -> list[bytes]:

@@ -164,7 +164,20 @@ def test_bench_json_small() -> None:
     data = json.loads(tmem("bench", "--pages", "2000", "--repeat", "1", "--json"))
     assert data["pages"] == 2000
     assert data["clock"] == "thread CPU time"
+    assert data["allocator"] == "zsmalloc"
+    assert "zs_frames" in data["zcache_stats"]
     _check_bench(data)
+
+
+def test_bench_zbud_allocator() -> None:
+    """--allocator zbud packs zcache's pages in buddies: the header and the JSON say so,
+    and the store's own counters are zbud's."""
+    args = ("bench", "--pages", "1500", "--repeat", "1", "--allocator", "zbud")
+    data = json.loads(tmem(*args, "--json"))
+    assert data["allocator"] == "zbud"
+    assert "zbud_pers_zpages" in data["zcache_stats"] and "zs_frames" not in data["zcache_stats"]
+    _check_bench(data)
+    assert "allocator=zbud" in tmem(*args, "--no-density", "--no-mixed")
 
 
 def test_bench_without_corpus_samples_pages() -> None:
@@ -245,6 +258,7 @@ def test_bench_bad_options() -> None:
     assert "not a size" in tmem("bench", "--memory", "lots", check=False)
     assert "no-such" in tmem("bench", "--corpus", "/no-such-dir", check=False)
     assert "page count" in tmem("bench", "--pages", "0", check=False)
+    assert "'slab' is not one of" in tmem("bench", "--allocator", "slab", check=False)
 
 
 def test_size_and_count_params() -> None:

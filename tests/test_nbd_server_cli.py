@@ -6,8 +6,9 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_nbd_server_harness import SRC, Served, serve_factory
 
 ENV = dict(os.environ, PYTHONPATH=str(SRC))
+MiB = 1 << 20
 
 
 @pytest.fixture
@@ -37,7 +39,8 @@ def test_help_says_volatile_and_lists_options() -> None:
     assert "VOLATILE" in text and "not a persistent disk" in text
     for opt in ("--listen", "--size", "--memory", "--compressor", "--backing", "--export-name",
                 "--config", "--stats", "--mlock", "--log-level",
-                "--no-compress-behind"):  # fmt: skip
+                "--no-compress-behind", "--allocator", "--prefault", "--recompress",
+                "--recompress-after"):  # fmt: skip
         assert opt in text
 
 
@@ -48,6 +51,10 @@ def test_help_says_volatile_and_lists_options() -> None:
         (["--compressor", "gzip"], "unknown compressor"),
         (["--listen", "nowhere"], "HOST:PORT"),
         (["--memory", "lots"], "not a size"),
+        (["--allocator", "slab"], "'slab' is not one of 'zsmalloc', 'zbud'"),
+        (["--recompress", "gzip"], "unknown compressor 'gzip'"),
+        (["--recompress", "zstd", "--recompress-after", "-2s"], "must not be negative"),
+        (["--recompress-after", "soon"], "not a duration"),
     ],
 )
 def test_bad_options_fail_fast(args: list[str], msg: str) -> None:
@@ -144,6 +151,8 @@ def test_mlock_and_oom_score_adj(serve: Any) -> None:
     status = Path(f"/proc/{s.proc.pid}/status").read_text()
     locked_kb = int(next(ln for ln in status.splitlines() if ln.startswith("VmLck")).split()[1])
     assert locked_kb > 1024
+    # an mlocked arena cannot give frames back, so the budget is reserved up front
+    assert "--mlock implies --prefault" in s.log.read_text()
     can_lower = (
         subprocess.run(
             ["sh", "-c", "echo -1 > /proc/self/oom_score_adj"], capture_output=True
@@ -155,6 +164,86 @@ def test_mlock_and_oom_score_adj(serve: Any) -> None:
         assert adj == "-1000"
     else:  # no CAP_SYS_RESOURCE (a container): the server says so and runs on
         assert "cannot set oom_score_adj -1000" in s.log.read_text()
+    assert s.stop() == 0
+
+
+def _wait_for(check: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def _write(s: Served, pages: list[bytes]) -> None:
+    """Write ``pages`` at offset 0 through NBD, in 1 MiB requests."""
+    from test_nbd_server_badinput import WRITE, RawClient
+
+    blob = b"".join(pages)
+    c = RawClient(s)
+    c.handshake()
+    for n, pos in enumerate(range(0, len(blob), MiB)):
+        chunk = blob[pos : pos + MiB]
+        c.request(WRITE, n, pos, len(chunk), chunk)
+        assert c.reply() == (0, n, b"")
+    c.close()
+
+
+def _read_back(s: Served, pages: list[bytes]) -> None:
+    """Read ``pages`` back from offset 0 through NBD and compare, byte for byte."""
+    from test_nbd_server_badinput import READ, RawClient
+
+    blob = b"".join(pages)
+    c = RawClient(s)
+    c.handshake()
+    for n, pos in enumerate(range(0, len(blob), MiB)):
+        length = min(MiB, len(blob) - pos)
+        c.request(READ, n, pos, length)
+        assert c.reply(length) == (0, n, blob[pos : pos + length])
+    c.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "toml", "prefix", "recompressed"),
+    [
+        (["--recompress", "zstd", "--recompress-after", "0"], "", "zs_", True),
+        ([], 'allocator = "zbud"\nrecompress = "zstd-3"\nrecompress_after = "0s"\n', "zbud_", True),
+        (["--allocator", "zbud", "--recompress", "zstd", "--recompress-after", "1h"], "", "zbud_",
+         False),
+        ([], "", "zs_", False),
+    ],
+)  # fmt: skip
+def test_store_options_reach_the_store_and_idle_work_runs(
+    serve: Any,
+    tmp_path: Path,
+    anon_pages: list[bytes],
+    options: list[str],
+    toml: str,
+    prefix: str,
+    recompressed: bool,
+) -> None:
+    """Writes land raw (compress-behind); the idle task compresses them and, with
+    --recompress, moves pages older than --recompress-after to the strong codec."""
+    if toml:
+        cfg = tmp_path / "serve.toml"
+        cfg.write_text(toml)
+        options = [*options, "--config", str(cfg)]
+    s: Served = serve("--size", "16MiB", "--memory", "16MiB", *options)
+    _write(s, anon_pages[:1024])
+    _read_back(s, anon_pages[:1024])  # staged (raw) pages read back as written
+    _wait_for(lambda: s.stats()["zcache"]["staged_pages"] == 0)
+    if recompressed:
+        _wait_for(lambda: s.stats()["zcache"]["recompressed_pages"] > 100)
+    else:
+        time.sleep(1.5)  # a poll of the idle task or more: still nothing recompressed
+    st = s.stats()
+    z = st["zcache"]
+    assert z["compacted_pages"] > 0
+    assert any(k.startswith(prefix) for k in z), sorted(z)
+    assert (z["recompressed_pages"] > 0) is recompressed
+    assert z["recompress_saved_bytes"] >= 32 * z["recompressed_pages"]
+    assert st["server"]["server_idle_work_steps"] > 0
+    assert st["server"]["server_idle_work_errors"] == 0
+    _read_back(s, anon_pages[:1024])  # compressed and recompressed pages too
     assert s.stop() == 0
 
 

@@ -20,6 +20,33 @@ def test_defaults() -> None:
     assert cfg.backing is None
     assert cfg.stats is None
     assert cfg.compress_behind is True
+    assert (cfg.allocator, cfg.prefault, cfg.recompress) == ("zsmalloc", False, None)
+    assert cfg.recompress_after == 30.0
+    assert cfg.arena_prefault is False
+
+
+def test_store_options_from_toml_then_cli(tmp_path: Path) -> None:
+    f = tmp_path / "serve.toml"
+    f.write_text(
+        'allocator = "zbud"\nprefault = true\nrecompress = "zstd-3"\nrecompress-after = "2m"\n'
+    )
+    cfg = load_config(f)
+    assert (cfg.allocator, cfg.prefault, cfg.recompress) == ("zbud", True, "zstd-3")
+    assert cfg.recompress_after == 120.0
+    cfg = load_config(f, {"allocator": "zsmalloc", "recompress_after": "500ms"})
+    assert (cfg.allocator, cfg.recompress_after) == ("zsmalloc", 0.5)
+    f.write_text('recompress = "off"\nrecompress_after = 45\n')
+    cfg = load_config(f)
+    assert (cfg.recompress, cfg.recompress_after) == (None, 45.0)
+    assert load_config(None, {"recompress_after": "1h"}).recompress_after == 3600.0
+    assert load_config(None, {"recompress_after": "7.5"}).recompress_after == 7.5
+
+
+def test_mlock_implies_prefault() -> None:
+    """mlockall faults the whole arena in and refuses to give locked pages back, so an
+    mlocked server's budget is resident either way: say so rather than pretend."""
+    cfg = load_config(None, {"mlock": True})
+    assert cfg.prefault is False and cfg.arena_prefault is True
 
 
 def test_compress_behind_from_toml_and_cli(tmp_path: Path) -> None:
@@ -63,6 +90,15 @@ def test_serve_section_is_accepted(tmp_path: Path) -> None:
         ("mlock = 1\n", "true or false"),
         ('compress-behind = "yes"\n', "compress-behind must be true or false"),
         ("size = [\n", "not valid TOML"),
+        ('allocator = "slab"\n', "unknown allocator 'slab'"),
+        ('recompress = "gzip"\n', "--recompress: unknown compressor 'gzip'"),
+        ('recompress = "zstd-99"\n', "--recompress: unknown compressor"),
+        ('recompress-after = "-5s"\n', "must not be negative"),
+        ("recompress-after = -1\n", "must not be negative"),
+        ('recompress-after = "soon"\n', "not a duration"),
+        ('recompress-after = "3d"\n', "unknown duration unit"),
+        ("recompress-after = true\n", "recompress-after must be a duration"),
+        ('prefault = "yes"\n', "prefault must be true or false"),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, msg: str) -> None:

@@ -8,6 +8,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from tmem.nbd import server as srv
 from tmem.nbd.blockdev import BlockDevice
 from tmem.nbd.config import Address
@@ -276,3 +278,44 @@ def test_shutdown_yields_while_a_finished_task_is_still_listed() -> None:
         return len(tasks)
 
     assert asyncio.run(main()) == 0
+
+
+def test_idle_work_failure_is_logged_and_the_server_serves_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store whose background work raises (here: a staged page whose page-table entry
+    was damaged) costs the server nothing but a log line: clients are served, and the
+    work resumes once it can succeed."""
+    from tmem.pagetable import L_STAGED
+
+    page = (b"idle work " * 410)[:4096]
+
+    async def main() -> None:
+        dev = BlockDevice(8 * MiB, memory="8MiB", compress_behind=True)
+        zc = dev.zcache
+        dev.write(0, page * 16)  # staged: stored raw, waiting for idle work
+        assert zc.staged_pages == 16
+        pt = zc.pages
+        head = pt.head[L_STAGED]
+        saved, pt.obj[head] = pt.obj[head], -1
+        server = srv.NbdServer(dev)
+        path = str(tmp_path / "s.sock")
+        await server.listen(Address(path=path))
+        server.start_idle_work()
+        await asyncio.sleep(0.2)
+        assert server.counters.idle_errors == 1  # then it waits IDLE_POLL before retrying
+        reader, writer = await _handshake(path)
+        writer.write(_req(0, 1, 4096, 4096))
+        _m, err, _c = struct.unpack(">IIQ", await reader.readexactly(16))
+        assert err == 0 and await reader.readexactly(4096) == page
+        pt.obj[head] = saved  # repaired: the next attempt compresses every staged page
+        deadline = time.monotonic() + 10
+        while zc.staged_pages and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert zc.staged_pages == 0 and zc.counters.compacted_pages == 16
+        writer.close()
+        await server.shutdown(grace=0.1)
+
+    with caplog.at_level("ERROR", logger="tmem.nbd.server"):
+        asyncio.run(main())
+    assert "idle work failed (1 so far)" in caplog.text

@@ -85,12 +85,48 @@ def test_default_replicas_is_two(tmp_path: Path) -> None:
         (lambda t: t.replace("replicas = 2", "colour = 1"), "unknown key"),
         (lambda t: t.replace('host = "127.0.0.3"\n', ""), "missing key 'host'"),
         (lambda t: t + "\n[[node]\n", "not valid TOML"),
+        (lambda t: t.replace("replicas = 2", 'allocator = "slab"'), "allocator must be one of"),
+        (lambda t: t.replace("replicas = 2", "prefault = 1"), "prefault must be true or false"),
+        (lambda t: t.replace("replicas = 2", 'recompress = "gzip"'), "unknown compressor"),
+        (
+            lambda t: t.replace("replicas = 2", 'recompress_after = "-3s"'),
+            "recompress_after: duration must not be negative",
+        ),
+        (lambda t: t.replace("replicas = 2", 'recompress_after = "3d"'), "unknown duration"),
     ],
 )
 def test_bad_files_are_refused_clearly(tmp_path: Path, edit, message: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ConfigError, match=message) as info:
         load_config(_write(tmp_path, edit(BASE)))
     assert isinstance(info.value, TmemError)
+
+
+def test_store_keys_are_every_nodes_defaults(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path))
+    assert (cfg.allocator, cfg.prefault, cfg.recompress, cfg.recompress_after) == (
+        "zsmalloc",
+        False,
+        None,
+        30.0,
+    )
+    text = BASE.replace(
+        "replicas = 2",
+        'replicas = 2\nallocator = "zbud"\nprefault = true\nrecompress = "zstd-3"\n'
+        'recompress_after = "2m"',
+    )
+    cfg = load_config(_write(tmp_path, text))
+    assert (cfg.allocator, cfg.prefault, cfg.recompress, cfg.recompress_after) == (
+        "zbud",
+        True,
+        "zstd-3",
+        120.0,
+    )
+    cfg = load_config(_write(tmp_path, BASE.replace("replicas = 2", "recompress_after = 5")))
+    assert cfg.recompress_after == 5.0
+    # editing the node list keeps the store keys as written
+    path = _write(tmp_path, text)
+    cfg = edit_nodes(path, add=NodeSpec("n4", 4, "127.0.0.4", 7704))
+    assert (cfg.allocator, cfg.recompress, cfg.recompress_after) == ("zbud", "zstd-3", 120.0)
 
 
 def test_inline_secret_and_manual_target(tmp_path: Path) -> None:

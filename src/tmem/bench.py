@@ -52,7 +52,7 @@ import lz4.block
 from tmem.compress import PAGE_SIZE, get_compressor
 from tmem.errors import ConfigError
 from tmem.sizes import parse_size
-from tmem.zcache import Oid, Zcache
+from tmem.zcache import ALLOCATORS, Oid, Zcache
 
 Item = tuple[Oid, int, bytes]
 #: called as progress(phase_name, pages_done_in_this_step)
@@ -220,6 +220,7 @@ def _one_repeat(
     progress: Progress | None,
     verify: bool,
     clock: Callable[[], float] = time.perf_counter,
+    allocator: str = "zsmalloc",
 ) -> tuple[RunResult, Zcache]:
     """One put-all + get-all, the contenders interleaved chunk by chunk.
 
@@ -232,7 +233,7 @@ def _one_repeat(
     n = len(items)
     base = baseline_for(compressor)
     store: dict[tuple[Oid, int], bytes] = {}
-    zc = Zcache(memory=memory, compressor=compressor)
+    zc = Zcache(memory=memory, compressor=compressor, allocator=allocator)
     pool = zc.new_pool(persistent=True)
     fallback: dict[tuple[Oid, int], bytes] = {}
     fails = [0]
@@ -284,7 +285,11 @@ DENSITY_DEFINITION = (
 
 
 def measure_density(
-    items: Sequence[Item], memory: int, compressor: str, progress: Progress | None
+    items: Sequence[Item],
+    memory: int,
+    compressor: str,
+    progress: Progress | None,
+    allocator: str = "zsmalloc",
 ) -> dict[str, Any]:
     """Untimed pass under tracemalloc: bytes each contender holds for ALL offered pages.
 
@@ -300,7 +305,8 @@ def measure_density(
     out: dict[str, Any] = {}
 
     gc.collect()
-    zc = Zcache(memory=memory, compressor=compressor)  # arena mapped before tracing
+    # the arena is mapped before tracing starts
+    zc = Zcache(memory=memory, compressor=compressor, allocator=allocator)
     pool = zc.new_pool(persistent=True)
     zc.compressor.compress(pages[0])  # codec contexts allocate their workspace lazily
     refused = bytearray(n)  # allocated before tracing: marking a page allocates nothing
@@ -381,9 +387,10 @@ def run_mixed(
     compressor: str,
     progress: Progress | None,
     clock: Callable[[], float] = time.perf_counter,
+    allocator: str = "zsmalloc",
 ) -> dict[str, Any]:
     """A third persistent, the rest ephemeral, through a budget smaller than the data."""
-    zc = Zcache(memory=memory, compressor=compressor)
+    zc = Zcache(memory=memory, compressor=compressor, allocator=allocator)
     eph = zc.new_pool(persistent=False)
     pers = zc.new_pool(persistent=True)
     put = zc.put
@@ -461,6 +468,7 @@ class BenchReport:
     repeat: int
     memory: int
     clock: str = "cpu"
+    allocator: str = "zsmalloc"
     runs: list[RunResult] = field(default_factory=list)
     density: dict[str, Any] = field(default_factory=dict)
     mixed: dict[str, Any] = field(default_factory=dict)
@@ -488,6 +496,7 @@ class BenchReport:
         return {
             "corpus": self.corpus,
             "compressor": self.compressor,
+            "allocator": self.allocator,
             "pages": self.pages,
             "unique_pages": self.unique_pages,
             "repeat": self.repeat,
@@ -543,13 +552,13 @@ def _enough_memory(pages: Sequence[bytes], count: int, compressor: str) -> int:
     return frames * PAGE_SIZE
 
 
-def _warm_up(items: Sequence[Item], compressor: str) -> None:
+def _warm_up(items: Sequence[Item], compressor: str, allocator: str = "zsmalloc") -> None:
     """Run both stores once, untimed, so first-call costs land in neither."""
     store: dict[tuple[Oid, int], bytes] = {}
     base = baseline_for(compressor)
     base.put(store, items)
     base.get(store, items)
-    zc = Zcache(memory=(len(items) + 16) * PAGE_SIZE, compressor=compressor)
+    zc = Zcache(memory=(len(items) + 16) * PAGE_SIZE, compressor=compressor, allocator=allocator)
     pool = zc.new_pool(persistent=True)
     fallback: dict[tuple[Oid, int], bytes] = {}
     _zc_put(zc, pool, items, [0], fallback)
@@ -570,6 +579,7 @@ def run_bench(
     mixed: bool = True,
     clock: str = "cpu",
     batch: int = 256,
+    allocator: str = "zsmalloc",
 ) -> BenchReport:
     """Run all phases; ``n`` pages (default: the corpus once), median of ``repeat`` runs.
 
@@ -587,6 +597,8 @@ def run_bench(
         raise ConfigError(f"unknown clock {clock!r}; choose from {', '.join(CLOCKS)}")
     timer = CLOCKS[clock]
     get_compressor(compressor)  # fail early on a bad name
+    if allocator not in ALLOCATORS:
+        raise ConfigError(f"unknown allocator {allocator!r}; choose from {', '.join(ALLOCATORS)}")
     count = len(pages) if n is None else n
     items = make_items(pages, count)
     budget = parse_size(memory) if memory is not None else _enough_memory(pages, count, compressor)
@@ -598,15 +610,22 @@ def run_bench(
         repeat=repeat,
         memory=budget,
         clock=clock,
+        allocator=allocator,
     )
     gc.collect()
     gc.freeze()  # the page corpus is immortal: keep it out of every GC pass
     try:
-        _warm_up(items[: min(len(items), 2048)], compressor)
+        _warm_up(items[: min(len(items), 2048)], compressor, allocator)
         frames_used = 0
         for r in range(max(1, repeat)):
             result, zc = _one_repeat(
-                items, budget, compressor, progress, verify=(r == 0), clock=timer
+                items,
+                budget,
+                compressor,
+                progress,
+                verify=(r == 0),
+                clock=timer,
+                allocator=allocator,
             )
             report.runs.append(result)
             if r == 0:
@@ -614,13 +633,15 @@ def run_bench(
                 frames_used = zc.frames_used
             del zc
         if density:
-            report.density = measure_density(items, budget, compressor, progress)
+            report.density = measure_density(items, budget, compressor, progress, allocator)
         if mixed:
             if mixed_memory is not None:
                 mbudget = parse_size(mixed_memory)
             else:
                 mbudget = max(16, frames_used // 2) * PAGE_SIZE
-            report.mixed = run_mixed(items, mbudget, compressor, progress, clock=timer)
+            report.mixed = run_mixed(
+                items, mbudget, compressor, progress, clock=timer, allocator=allocator
+            )
     finally:
         gc.unfreeze()
     return report

@@ -17,6 +17,7 @@ from tmem.compress import COMPRESSORS
 from tmem.corpus import describe_source, load_pages
 from tmem.errors import TmemError
 from tmem.sizes import format_size, parse_size
+from tmem.zcache import ALLOCATORS
 
 
 class SizeParam(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2
@@ -66,6 +67,7 @@ def render(report: BenchReport, console: Console) -> None:
     d = report.as_dict()
     console.print(
         f"[bold]tmem bench[/]  corpus={d['corpus']}  compressor={d['compressor']}  "
+        f"allocator={d['allocator']}  "
         f"pages={d['pages']:,} ({d['unique_pages']:,} distinct)  repeat={d['repeat']}  "
         f"budget={format_size(d['memory'])}  clock={d['clock']}  engine={d['engine']}"
     )
@@ -165,6 +167,13 @@ def render(report: BenchReport, console: Console) -> None:
     show_default=True,
 )
 @click.option(
+    "--allocator",
+    type=click.Choice(ALLOCATORS),
+    default="zsmalloc",
+    show_default=True,
+    help="How zcache packs compressed pages into frames (the dict side has none).",
+)
+@click.option(
     "--memory",
     type=SizeParam(),
     default=None,
@@ -205,6 +214,7 @@ def render(report: BenchReport, console: Console) -> None:
 def bench(
     corpus: str,
     compressor: str,
+    allocator: str,
     memory: int | None,
     mixed_memory: int | None,
     pages: int | None,
@@ -263,6 +273,7 @@ def bench(
                 mixed=not no_mixed,
                 clock=clock,
                 batch=batch,
+                allocator=allocator,
             )
         except TmemError as exc:
             raise click.ClickException(str(exc)) from exc

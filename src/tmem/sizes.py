@@ -1,11 +1,13 @@
-"""Human sizes: ``64MiB``, ``1G``, ``4096``.
+"""Human sizes (``64MiB``, ``1G``, ``4096``) and durations (``30s``, ``500ms``, ``2m``).
 
 Binary and decimal suffixes are both accepted because operators write both;
 a bare ``G``/``M``/``K`` is binary, as in ``free -h`` and most swap tools.
+A duration without a unit is seconds, as in ``sleep``.
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 from tmem.errors import ConfigError
@@ -45,6 +47,41 @@ def parse_size(value: int | str) -> int:
     if factor is None:
         raise ConfigError(f"unknown size unit {unit!r} in {value!r}")
     return int(float(number) * factor)
+
+
+_DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_RE = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?|[-+]?\.\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_duration(value: float | str) -> float:
+    """Return ``value`` in seconds (``30s``, ``500ms``, ``2m``, ``1h``, or a number of
+    seconds); raise :class:`ConfigError` if it is not a duration or is negative."""
+    if isinstance(value, bool):
+        raise ConfigError(f"not a duration: {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION_RE.match(value)
+        if match is None:
+            raise ConfigError(f"not a duration: {value!r} (try 30s, 500ms, 2m, 1h)")
+        number, unit = match.groups()
+        factor = _DURATION_UNITS.get(unit.lower())
+        if factor is None:
+            raise ConfigError(f"unknown duration unit {unit!r} in {value!r} (ms, s, m or h)")
+        seconds = float(number) * factor
+    if not math.isfinite(seconds):
+        raise ConfigError(f"not a duration: {value!r}")
+    if seconds < 0:
+        raise ConfigError(f"duration must not be negative: {value!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """``30s``, ``500ms``, ``2m``: the shortest exact form :func:`parse_duration` reads."""
+    for unit, factor in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= factor and seconds % factor == 0:
+            return f"{seconds / factor:g}{unit}"
+    return f"{seconds * 1000:g}ms" if 0 < seconds < 1 else f"{seconds:g}s"
 
 
 def format_size(nbytes: float) -> str:

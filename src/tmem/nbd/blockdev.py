@@ -160,6 +160,10 @@ class BlockDevice:
     Not thread-safe: one asyncio loop drives it. Sync methods do bounded work per
     page; the ``a*`` coroutines split big requests into chunks and yield between
     them so one 32 MiB write does not stall other connections.
+
+    ``memory``, ``compressor``, ``compress_behind``, ``allocator``, ``prefault``,
+    ``recompress`` and ``recompress_after`` describe the :class:`~tmem.Zcache` the device
+    builds; a caller that passes its own ``zcache`` has already chosen them.
     """
 
     def __init__(
@@ -171,6 +175,10 @@ class BlockDevice:
         backing: str | os.PathLike[str] | None = None,
         zcache: Zcache | None = None,
         compress_behind: bool = False,
+        allocator: str = "zsmalloc",
+        prefault: bool = False,
+        recompress: str | None = None,
+        recompress_after: float = 30.0,
     ) -> None:
         if size <= 0 or size % PAGE_SIZE:
             raise ConfigError(f"export size must be a positive multiple of 4096, got {size}")
@@ -193,6 +201,10 @@ class BlockDevice:
             huge_pages=self._fd is None,
             writeback=self if self._fd is not None else None,
             compress_behind=compress_behind,
+            allocator=allocator,
+            prefault=prefault,
+            recompress=recompress,
+            recompress_after=recompress_after,
         )
         if zcache is not None and self._fd is not None and zcache.writeback is None:
             zcache.writeback = self

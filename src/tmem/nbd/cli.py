@@ -16,6 +16,7 @@ import click
 
 from tmem.errors import TmemError
 from tmem.nbd.config import DEFAULT_LISTEN, LOG_LEVELS, ServeConfig, load_config
+from tmem.zcache import ALLOCATORS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -26,7 +27,8 @@ compress, and the oldest pages once RAM is full, spill to --backing PATH if give
 With --compress-behind (the default) a write lands raw in a free frame of the
 budget and is compressed when the server is idle, or at once when the frame is
 needed: bursts of writes run at memory speed, and density is the same once the
-server has caught up.
+server has caught up. RAM is taken from the OS as pages arrive and given back as
+they go (--prefault reserves the whole budget at start instead).
 Any NBD client can use it: nbd-client (swap or a filesystem), qemu, nbdcopy, nbdinfo.
 
 The export is VOLATILE, like zram: its contents live only while this server runs.
@@ -87,6 +89,32 @@ def serve_options(func: F) -> F:
             default=None,
             help="Store writes raw while the budget has free frames and compress them "
             "when idle (default on); off compresses every write before replying.",
+        ),
+        click.option(
+            "--allocator",
+            type=click.Choice(ALLOCATORS, case_sensitive=False),
+            help="How compressed pages share frames: zsmalloc (default; densest) or zbud "
+            "(at most two pages a frame; simpler, cheaper to reclaim).",
+        ),
+        click.option(
+            "--prefault",
+            is_flag=True,
+            default=None,
+            help="Reserve and touch the whole --memory budget at start instead of taking "
+            "RAM as pages arrive and giving it back as they go; the choice for serving "
+            "swap with --mlock (which implies it).",
+        ),
+        click.option(
+            "--recompress",
+            metavar="CODEC",
+            help="Recompress pages not rewritten for --recompress-after with a stronger "
+            "codec (e.g. zstd, zstd-3) while clients are quiet. Default off.",
+        ),
+        click.option(
+            "--recompress-after",
+            metavar="DURATION",
+            help="How long after a page was written --recompress may take it: 30s "
+            "(default), 500ms, 2m, 1h, or seconds.",
         ),
         click.option(
             "--log-level",

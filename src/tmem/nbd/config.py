@@ -2,9 +2,11 @@
 
 The TOML keys are the long option names (``listen``, ``size``, ``memory``,
 ``compressor``, ``backing``, ``export-name`` or ``export_name``, ``stats``, ``mlock``,
-``compress-behind``, ``log-level``); options given on the command line override the
-file. Every value is validated here so a bad file fails with one clear
-:class:`tmem.ConfigError` before anything listens.
+``compress-behind``, ``allocator``, ``prefault``, ``recompress``, ``recompress-after``,
+``log-level``); options given on the command line override the file. Every value is
+validated here so a bad file fails with one clear :class:`tmem.ConfigError` before
+anything listens. Durations (``recompress-after``) are strings like ``"30s"``,
+``"500ms"``, ``"2m"`` or a number of seconds.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from tmem.compress import COMPRESSORS
+from tmem.compress import COMPRESSORS, get_compressor
 from tmem.errors import ConfigError
-from tmem.sizes import parse_size
+from tmem.sizes import parse_duration, parse_size
+from tmem.zcache import ALLOCATORS
 
 DEFAULT_LISTEN = "127.0.0.1:10809"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -65,8 +68,23 @@ class ServeConfig:
     stats: Address | None = None
     mlock: bool = False
     compress_behind: bool = True
+    allocator: str = "zsmalloc"
+    prefault: bool = False
+    recompress: str | None = None  # the strong codec for idle pages; None: off
+    recompress_after: float = 30.0  # seconds a page must be idle to be recompressed
     log_level: str = "info"
     ready_file: str | None = None
+    # Names set by the file or the command line (the rest are defaults): a cluster
+    # node's export lets its cluster file decide what its serve options leave open.
+    given: frozenset[str] = field(default_factory=frozenset, compare=False, repr=False)
+
+    @property
+    def arena_prefault(self) -> bool:
+        """Whether the store's frames must be resident from the start: ``prefault``, or
+        ``mlock``, under which memory on demand is impossible (mlockall makes the kernel
+        fault in the whole arena when it is mapped, and refuses to take locked pages
+        back, so frames could never be returned)."""
+        return self.prefault or self.mlock
 
     def validate(self) -> ServeConfig:
         if self.size <= 0 or self.size % 4096:
@@ -76,6 +94,23 @@ class ServeConfig:
         if self.compressor not in COMPRESSORS:
             raise ConfigError(
                 f"unknown compressor {self.compressor!r} (choose from {', '.join(COMPRESSORS)})"
+            )
+        self.allocator = self.allocator.lower().strip()
+        if self.allocator not in ALLOCATORS:
+            raise ConfigError(
+                f"unknown allocator {self.allocator!r} (choose from {', '.join(ALLOCATORS)})"
+            )
+        if self.recompress is not None:
+            if self.recompress.lower().strip() in ("", "none", "off"):
+                self.recompress = None
+            else:
+                try:
+                    get_compressor(self.recompress)  # zstd, zstd-N, ...; imports it now
+                except ConfigError as exc:
+                    raise ConfigError(f"--recompress: {exc} (zstd-N: levels 1-22)") from None
+        if self.recompress_after < 0:
+            raise ConfigError(
+                f"--recompress-after must not be negative, got {self.recompress_after}"
             )
         if len(self.export_name.encode()) > 4096:
             raise ConfigError("--export-name is longer than 4096 bytes")
@@ -88,7 +123,7 @@ class ServeConfig:
         return self
 
 
-_NAMES = {f.name for f in fields(ServeConfig)}
+_NAMES = {f.name for f in fields(ServeConfig)} - {"given"}
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -113,7 +148,11 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"stats must be HOST:PORT, got {value!r}")
         return Address.parse(value)
-    if name in ("mlock", "compress_behind"):
+    if name == "recompress_after":
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ConfigError(f"recompress-after must be a duration like 30s, got {value!r}")
+        return parse_duration(value)
+    if name in ("mlock", "compress_behind", "prefault"):
         if not isinstance(value, bool):
             raise ConfigError(f"{name.replace('_', '-')} must be true or false, got {value!r}")
         return value
@@ -158,4 +197,4 @@ def load_config(
         if value is None or (name == "listen" and not value):
             continue
         values[name] = _coerce(name, value)
-    return ServeConfig(**values).validate()
+    return ServeConfig(**values, given=frozenset(values)).validate()

@@ -13,9 +13,12 @@ yet sent) pass a limit, reading from that client pauses until they drain.
 SIGTERM/SIGINT: stop accepting, finish in-flight requests, answer new ones with
 ESHUTDOWN, give clients a moment to disconnect, then return (exit 0).
 
-Compress-behind: writes may be stored raw (see :class:`tmem.Zcache`); a background task
-compresses them in small batches once no client has sent anything for COMPACT_QUIET
-seconds, so it never competes with requests for the event loop.
+Idle work: one background task gives the store its background work
+(:meth:`tmem.Zcache.idle_work`: compress pages that compress-behind stored raw,
+recompress pages gone idle with ``--recompress``, compact the allocator) in small
+batches, and only once no client has sent anything for IDLE_QUIET seconds, so it
+never competes with requests for the event loop. When the store has shrunk (a TRIM,
+pages overwritten or dropped) it also hands the freed frames back to the OS.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, cast
 
-from tmem.aio import loop_factory, run_in_steps
+from tmem.aio import IDLE_POLL, IdleWork, loop_factory, run_in_steps
 from tmem.errors import ConfigError, RemotePageError
 from tmem.nbd import protocol as proto
 from tmem.nbd.blockdev import CHUNK_PAGES, BlockDevice, BlockDeviceError
@@ -59,12 +62,12 @@ SHUTDOWN_GRACE = 2.0
 # must not pile up (each costs a file descriptor and a connection object).
 HANDSHAKE_TIMEOUT = 30.0
 UNIX_SNDBUF = 4 << 20
-# Compress-behind runs after this much quiet on every connection, COMPACT_BATCH pages
-# (a fraction of a millisecond) between looks at the clients; with nothing staged it
-# sleeps until a client sends something (or COMPACT_POLL seconds pass).
-COMPACT_QUIET = 0.002
-COMPACT_BATCH = 32
-COMPACT_POLL = 1.0
+# Idle work (tmem.aio.IdleWork) runs after this much quiet on every connection, a batch
+# of pages (a fraction of a millisecond) between looks at the clients; with nothing to
+# do it sleeps until a client sends something or IDLE_POLL seconds pass (pages written
+# earlier become old enough to recompress while nobody talks to the server).
+IDLE_QUIET = 0.002
+IDLE_ERROR_LOG_EVERY = 60.0  # seconds between log lines for a failure that repeats
 # A /stats scrape walks the tmem maps this many pages at a time (~1 ms each), letting
 # clients' requests in between.
 STATS_STEP_PAGES = 32768
@@ -96,6 +99,7 @@ class ServerCounters:
         self.internal_errors = 0
         self.shutdown_replies = 0
         self.pauses = 0
+        self.idle_errors = 0
 
 
 class NbdServer:
@@ -119,33 +123,49 @@ class NbdServer:
         self.tasks: set[asyncio.Task[None]] = set()  # every connection's, incl. closed ones
         self.started = time.monotonic()
         self.last_input = 0.0  # time.monotonic() of the latest bytes from any client
-        self.input_seen = asyncio.Event()  # set by every client input: wakes the compactor
-        self._compactor: asyncio.Task[None] | None = None
+        self.input_seen = asyncio.Event()  # set by every client input: wakes idle work
+        self.idle_work = IdleWork(device.zcache)
+        self._idle_task: asyncio.Task[None] | None = None
+        self._last_idle_error = -IDLE_ERROR_LOG_EVERY
 
-    # ------------------------------------------------------------ compress-behind
-    def start_compactor(self) -> None:
-        """Compress staged pages in the background (only if the zcache stages any)."""
-        if self.device.zcache.compress_behind and self._compactor is None:
-            self._compactor = asyncio.get_running_loop().create_task(self._compact_behind())
+    # ------------------------------------------------------------- idle work
+    def start_idle_work(self) -> None:
+        """Start the background task that runs the store's idle work (once)."""
+        if self._idle_task is None:
+            self._idle_task = asyncio.get_running_loop().create_task(self._idle_loop())
 
-    async def _compact_behind(self) -> None:
-        zc = self.device.zcache
+    async def _idle_loop(self) -> None:
+        work = self.idle_work
         while True:
-            if not zc.staged_pages:  # only client writes stage pages: wait for input
-                self.input_seen.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.input_seen.wait(), COMPACT_POLL)
-                continue
-            wait = self.last_input + COMPACT_QUIET - time.monotonic()
+            wait = self.last_input + IDLE_QUIET - time.monotonic()
             if wait > 0:  # clients are busy: they come first
                 await asyncio.sleep(wait)
                 continue
             try:
-                zc.compact(COMPACT_BATCH)
+                more = work.step()
             except Exception:  # never let the data path die with the helper
-                log.exception("compress-behind failed; staged pages stay raw")
-                return
-            await asyncio.sleep(0)
+                self._idle_failed()
+                await asyncio.sleep(IDLE_POLL)
+                continue
+            if more:
+                await asyncio.sleep(0)
+                continue
+            self.input_seen.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.input_seen.wait(), IDLE_POLL)
+
+    def _idle_failed(self) -> None:
+        """Count and log (rate-limited) a failure of idle work; the task goes on after
+        IDLE_POLL seconds: staged pages stay raw (still readable) meanwhile."""
+        self.counters.idle_errors += 1
+        now = time.monotonic()
+        if now - self._last_idle_error >= IDLE_ERROR_LOG_EVERY:
+            self._last_idle_error = now
+            log.exception(
+                "idle work failed (%d so far); retrying in %.0f s",
+                self.counters.idle_errors,
+                IDLE_POLL,
+            )
 
     # ------------------------------------------------------------- listening
     async def listen(self, address: Address) -> str:
@@ -187,8 +207,8 @@ class NbdServer:
     async def shutdown(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop accepting, finish in-flight requests, then close every connection."""
         self.shutting_down = True
-        if self._compactor is not None:
-            self._compactor.cancel()
+        if self._idle_task is not None:
+            self._idle_task.cancel()
         for server in self._servers:
             server.close()
         for conn in list(self._conns):
@@ -228,6 +248,9 @@ class NbdServer:
             "server_internal_errors": c.internal_errors,
             "server_shutdown_replies": c.shutdown_replies,
             "server_backpressure_pauses": c.pauses,
+            "server_idle_work_steps": self.idle_work.steps,
+            "server_idle_work_errors": c.idle_errors,
+            "server_frame_releases": self.idle_work.releases,
             "server_requests_in_flight": sum(len(x.tasks) for x in self._conns),
             "server_shutting_down": int(self.shutting_down),
             "server_uptime_seconds": round(time.monotonic() - self.started, 3),
@@ -659,6 +682,10 @@ def build_device(config: ServeConfig, zcache: Zcache | None = None) -> BlockDevi
         backing=config.backing,
         zcache=zcache,
         compress_behind=config.compress_behind,
+        allocator=config.allocator,
+        prefault=config.arena_prefault,
+        recompress=config.recompress,
+        recompress_after=config.recompress_after,
     )
 
 
@@ -670,6 +697,8 @@ async def serve_async(
 ) -> None:
     """Run a server for ``config`` until ``stop`` is set (or SIGTERM/SIGINT)."""
     if config.mlock:
+        if not config.prefault:
+            log.info("--mlock implies --prefault: the whole --memory budget is resident")
         lock_memory()
     tune_malloc()
     tune_gc()
@@ -686,7 +715,7 @@ async def serve_async(
             bound = [await server.listen(addr) for addr in config.listen]
         except OSError as exc:
             raise ConfigError(f"cannot listen: {exc}") from exc
-        server.start_compactor()
+        server.start_idle_work()
         ready: dict[str, Any] = {"listen": bound}
         if config.stats is not None:
             stats_server = StatsServer(server.snapshot)

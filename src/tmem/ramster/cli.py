@@ -14,6 +14,8 @@ from pathlib import Path
 import click
 
 from tmem.errors import TmemError
+from tmem.sizes import parse_duration
+from tmem.zcache import ALLOCATORS
 
 from .config import NodeSpec, edit_nodes, load_config
 
@@ -37,6 +39,32 @@ def cluster() -> None:
 @click.option("--memory", default="64MiB", show_default=True, help="RAM budget.")
 @click.option("--compressor", default="lz4", show_default=True)
 @click.option("--huge-pages", is_flag=True, help="Keep incompressible persistent pages raw.")
+@click.option(
+    "--allocator",
+    type=click.Choice(ALLOCATORS, case_sensitive=False),
+    default=None,
+    help="zsmalloc or zbud (default: the cluster file's allocator key, else zsmalloc).",
+)
+@click.option(
+    "--prefault",
+    is_flag=True,
+    default=None,
+    help="Reserve and touch the whole --memory budget at start (default: the cluster "
+    "file's prefault key, else RAM on demand).",
+)
+@click.option(
+    "--recompress",
+    metavar="CODEC",
+    default=None,
+    help="Recompress pages idle for --recompress-after with this codec (e.g. zstd-3; "
+    "default: the cluster file's recompress key, else off).",
+)
+@click.option(
+    "--recompress-after",
+    metavar="DURATION",
+    default=None,
+    help="30s (default), 500ms, 2m, 1h, or seconds (default: the cluster file's key).",
+)
 @click.option("--control", default=None, type=click.Path(), help="Unix socket of the control API.")
 @click.option("--metrics", default=None, help="HOST:PORT for a Prometheus /metrics endpoint.")
 @click.option(
@@ -53,6 +81,10 @@ def serve_cmd(
     memory: str,
     compressor: str,
     huge_pages: bool,
+    allocator: str | None,
+    prefault: bool | None,
+    recompress: str | None,
+    recompress_after: str | None,
     control: str | None,
     metrics: str | None,
     pid_file: str | None,
@@ -61,6 +93,10 @@ def serve_cmd(
     """Run one cluster node until SIGTERM (SIGHUP reloads the cluster file)."""
     from .node import serve_node
 
+    try:
+        after = parse_duration(recompress_after) if recompress_after is not None else None
+    except TmemError as exc:
+        raise click.BadParameter(str(exc), param_hint="--recompress-after") from None
     logging.basicConfig(
         level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -74,6 +110,10 @@ def serve_cmd(
             memory=memory,
             compressor=compressor,
             huge_pages=huge_pages,
+            allocator=allocator,
+            prefault=prefault,
+            recompress=recompress,
+            recompress_after=after,
             listen=_hostport(listen) if listen else None,
             control=control,
             metrics=_hostport(metrics) if metrics else None,

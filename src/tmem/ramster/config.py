@@ -15,6 +15,10 @@ replicas = 2
 heartbeat_interval = 0.5         # optional timing keys, seconds
 dead_after = 3.0
 policy = "least-loaded"          # or "manual" with target = "n2"
+allocator = "zsmalloc"           # optional store keys, every node's default
+prefault = false                 # (tmem cluster serve / tmem serve options win)
+recompress = "zstd"              # default off
+recompress_after = "30s"
 [[node]]
 name = "n1"
 number = 1
@@ -33,7 +37,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from tmem.compress import get_compressor
 from tmem.errors import ConfigError
+from tmem.sizes import parse_duration
+from tmem.zcache import ALLOCATORS
 
 POLICIES = ("least-loaded", "manual")
 MAX_NODE_NUMBER = 254  # the kernel's limit (u8, 255 reserved)
@@ -59,6 +66,10 @@ _CLUSTER_KEYS = {
     "high_watermark",
     "remotify_ephemeral",
     "remotify_persistent",
+    "allocator",
+    "prefault",
+    "recompress",
+    "recompress_after",
 }
 _NODE_KEYS = {"name", "number", "host", "port"}
 
@@ -100,6 +111,11 @@ class ClusterConfig:
     high_watermark: float = 0.5
     remotify_ephemeral: bool = True
     remotify_persistent: bool = True
+    # the store every node builds, unless its command line says otherwise
+    allocator: str = "zsmalloc"
+    prefault: bool = False
+    recompress: str | None = None
+    recompress_after: float = 30.0
     path: Path | None = field(default=None, compare=False)
 
     def node(self, name: str) -> NodeSpec:
@@ -252,6 +268,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Clust
     for key in ("low_watermark", "high_watermark"):
         if key in cluster:
             kw[key] = _number("cluster", key, cluster[key], lo=0.0, hi=1.0)
+    kw.update(parse_store_keys("cluster", cluster))
     for key in ("remotify_ephemeral", "remotify_persistent"):
         if key in cluster:
             if not isinstance(cluster[key], bool):
@@ -269,6 +286,44 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Clust
     cfg = ClusterConfig(name=name, secret=secret, nodes=nodes, path=None, **kw)
     _check_consistency(cfg)
     return cfg
+
+
+def parse_store_keys(section: str, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The store keys of a section (``allocator``, ``prefault``, ``recompress``,
+    ``recompress_after``), validated; keys that are absent are left out."""
+    kw: dict[str, Any] = {}
+    if "allocator" in raw:
+        value = raw["allocator"]
+        if not isinstance(value, str) or value.lower().strip() not in ALLOCATORS:
+            raise ConfigError(
+                f"[{section}] allocator must be one of {', '.join(ALLOCATORS)}, got {value!r}"
+            )
+        kw["allocator"] = value.lower().strip()
+    if "prefault" in raw:
+        if not isinstance(raw["prefault"], bool):
+            raise ConfigError(f"[{section}] prefault must be true or false")
+        kw["prefault"] = raw["prefault"]
+    if "recompress" in raw:
+        value = raw["recompress"]
+        if not isinstance(value, str):
+            raise ConfigError(f"[{section}] recompress must be a codec name like zstd-3")
+        if value.lower().strip() in ("", "none", "off"):
+            kw["recompress"] = None
+        else:
+            try:
+                get_compressor(value)
+            except ConfigError as exc:
+                raise ConfigError(f"[{section}] recompress: {exc} (zstd-N: 1-22)") from None
+            kw["recompress"] = value
+    if "recompress_after" in raw:
+        value = raw["recompress_after"]
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ConfigError(f"[{section}] recompress_after must be a duration like 30s")
+        try:
+            kw["recompress_after"] = parse_duration(value)
+        except ConfigError as exc:
+            raise ConfigError(f"[{section}] recompress_after: {exc}") from None
+    return kw
 
 
 def _check_unique(nodes: tuple[NodeSpec, ...]) -> None:

@@ -126,6 +126,13 @@ def serve_cluster_export(
             huge_pages=config.backing is None,
             control=control,
             metrics=metrics,
+            # the serve options given (file or command line) win over the cluster file
+            allocator=config.allocator if "allocator" in config.given else None,
+            prefault=config.arena_prefault if {"prefault", "mlock"} & config.given else None,
+            recompress=config.recompress if "recompress" in config.given else None,
+            recompress_after=(
+                config.recompress_after if "recompress_after" in config.given else None
+            ),
         )
         device = ClusterBlockDevice(node.engine, config.size, backing=config.backing)
         node.attach_export(device)

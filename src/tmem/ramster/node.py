@@ -31,7 +31,7 @@ from typing import Any
 
 import msgpack
 
-from tmem.aio import loop_factory, run_in_steps
+from tmem.aio import IDLE_POLL, IdleWork, loop_factory, run_in_steps
 from tmem.errors import ConfigError, TmemError
 from tmem.zcache import Oid, Zcache
 
@@ -77,14 +77,30 @@ class Node:
         listen: tuple[str, int] | None = None,
         control: str | Path | None = None,
         metrics: tuple[str, int] | None = None,
+        allocator: str | None = None,
+        prefault: bool | None = None,
+        recompress: str | None = None,
+        recompress_after: float | None = None,
     ) -> None:
+        """The store options (``allocator``, ``prefault``, ``recompress``,
+        ``recompress_after``): None takes the cluster file's value, which defaults to
+        what a plain Zcache does."""
         self.cfg = cfg
         self.metrics_addr = metrics
         self._metrics_server: asyncio.Server | None = None
         self.spec: NodeSpec = cfg.node(name)
         if listen is not None:
             self.spec = replace(self.spec, host=listen[0], port=listen[1])
-        self.zc = Zcache(memory, compressor, huge_pages=huge_pages)
+        self.zc = Zcache(
+            memory,
+            compressor,
+            huge_pages=huge_pages,
+            allocator=cfg.allocator if allocator is None else allocator,
+            prefault=cfg.prefault if prefault is None else prefault,
+            recompress=cfg.recompress if recompress is None else recompress,
+            recompress_after=cfg.recompress_after if recompress_after is None else recompress_after,
+        )
+        self.idle_work = IdleWork(self.zc)
         self.incarnation = time.time_ns() & _U64
         self.hb_seq = 0
         self.control_path = Path(control) if control is not None else None
@@ -198,6 +214,20 @@ class Node:
                 self.worker_errors += 1
                 log.exception("remotify worker failed; continuing")
 
+    async def _idle_loop(self) -> None:
+        """The store's background work (recompression, compaction, handing frames back)
+        for a node without an NBD export, whose server would run it between requests.
+        Steps are short (a batch of pages), so peers' requests are served in between."""
+        work = self.idle_work
+        while True:
+            try:
+                more = work.step()
+            except Exception:  # a bug must not stop the node; look again later
+                self.worker_errors += 1
+                log.exception("idle work failed; retrying in %.0f s", IDLE_POLL)
+                more = False
+            await asyncio.sleep(0 if more else IDLE_POLL)
+
     async def start(self) -> None:
         await self.transport.start(self.spec.host, self.spec.port)
         if self.control_path is not None:
@@ -214,6 +244,8 @@ class Node:
             asyncio.ensure_future(self._heartbeat_loop()),
             asyncio.ensure_future(self._worker_loop()),
         ]
+        if not self.exports:  # an NBD export's server runs idle work between requests
+            self._tasks.append(asyncio.ensure_future(self._idle_loop()))
         log.info(
             "node %s (%d) of cluster %s listening on %s:%d",
             self.spec.name,
@@ -511,8 +543,13 @@ def serve_node(
     listen: tuple[str, int] | None = None,
     control: str | Path | None = None,
     metrics: tuple[str, int] | None = None,
+    allocator: str | None = None,
+    prefault: bool | None = None,
+    recompress: str | None = None,
+    recompress_after: float | None = None,
 ) -> None:
-    """Build a node from its cluster file and run it (the ``tmem serve --cluster`` body)."""
+    """Build a node from its cluster file and run it (the ``tmem cluster serve`` body);
+    store options left None come from the cluster file."""
     cfg = load_config(cluster)
     node = Node(
         cfg,
@@ -523,6 +560,10 @@ def serve_node(
         listen=listen,
         control=control,
         metrics=metrics,
+        allocator=allocator,
+        prefault=prefault,
+        recompress=recompress,
+        recompress_after=recompress_after,
     )
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(node.run())
