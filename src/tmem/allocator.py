@@ -58,6 +58,9 @@ class Allocator(Protocol):
     # zbud pairs pages, so zcache refuses a persistent page when the mean stored size
     # would pass this (the seed's rule); allocators that do not pair say max_size.
     max_mean_size: int
+    # True: it keeps its own LRU of reclaim units that free frames (lru_victims);
+    # False: its user reclaims by its page LRU and compacts to get frames back.
+    keeps_lru: bool
 
     def alloc(self, size: int, cls: int) -> int:
         """A handle for ``size`` (1..max_size) bytes of class ``cls`` (EPH or PERS), or

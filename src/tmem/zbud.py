@@ -107,6 +107,7 @@ class Zbud:
 
     name = "zbud"
     max_size = PAGE_SIZE
+    keeps_lru = True
     max_mean_size = PAGE_SIZE * 5 // 8  # 2560: past it, pages stop pairing
 
     def __init__(self, frames: FrameSource) -> None:

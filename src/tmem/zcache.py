@@ -266,6 +266,8 @@ class Zcache:
         self._puts_since_charge = 0
         self._frees = 0  # frees since the last fragmentation check
         self._compact_every = COMPACT_EVERY
+        self._frees_total = 0
+        self._frees_at_compact = -1  # _frees_total when the slow path last compacted
         self._why = PutResult.STORED  # why the last failed put failed (see put_status)
         # An empty store's own structures are not charged to the budget (like its code);
         # what grows with the pages stored is.
@@ -387,6 +389,7 @@ class Zcache:
         pt.obj[h] = NIL
         self.allocator.free(h)
         self._frees += 1
+        self._frees_total += 1
         if self._frees >= self._compact_every:
             self._compact_if_fragmented()
 
@@ -411,7 +414,14 @@ class Zcache:
     def _alloc_slow(self, size: int, cls: int) -> int:
         """A handle for ``size`` bytes when the fast path found no room: compress staged
         pages, compact, evict LRU ephemeral pages, then (persistent, with a writeback
-        target) write LRU persistent pages back. -1 if nothing frees room."""
+        target) write LRU persistent pages back. -1 if nothing frees room.
+
+        An allocator with its own LRU (zbud) frees a frame with each unit, so each is
+        followed by a try. Otherwise (zsmalloc) evicted pages free slots across classes
+        and frames come back by compaction: reclaim then works in batches (1/64 of the
+        frames in use, 16 at least) with one compaction each, so the puts that follow
+        find room at once instead of each paying for a compaction.
+        """
         alloc = self._alloc
         if self._puts_since_charge:
             self._charge_metadata()
@@ -423,13 +433,13 @@ class Zcache:
             h = alloc(size, cls)
             if h >= 0:
                 return h
-        if self.allocator.compactable_frames():
-            self.allocator.compact(1 << 30)
-            h = alloc(size, cls)
-            if h >= 0:
-                return h
+        h = self._compact_for(size, cls)
+        if h >= 0:
+            return h
         self.counters.failed_getfreepages += 1
         persistent = cls == PERS
+        keeps_lru = self.allocator.keeps_lru
+        batch = 1 if keeps_lru else max(16, self.arena.frames_used >> 6)
         evicted = 0
         while self._evict_eph_unit():
             evicted += 1
@@ -437,17 +447,13 @@ class Zcache:
                 self.counters.pers_ate_eph += 1
             else:
                 self.counters.eph_ate_tail += 1
-            h = alloc(size, cls)
-            if h < 0 and not evicted & 15 and self.allocator.compactable_frames():
-                self.allocator.compact(1 << 30)
-                h = alloc(size, cls)
-            if h >= 0:
-                return h
-        if self.allocator.compactable_frames():
-            self.allocator.compact(1 << 30)
-            h = alloc(size, cls)
-            if h >= 0:
-                return h
+            if evicted % batch == 0:
+                h = alloc(size, cls) if keeps_lru else self._compact_for(size, cls)
+                if h >= 0:
+                    return h
+        h = self._compact_for(size, cls)
+        if h >= 0:
+            return h
         if not persistent:
             self.counters.eph_ate_tail_failed += 1
             return -1
@@ -457,13 +463,23 @@ class Zcache:
         written = 0
         while self._writeback_unit():
             written += 1
-            h = alloc(size, cls)
-            if h < 0 and not written & 15 and self.allocator.compactable_frames():
-                self.allocator.compact(1 << 30)
-                h = alloc(size, cls)
-            if h >= 0:
-                return h
-        return -1
+            if written % batch == 0:
+                h = alloc(size, cls) if keeps_lru else self._compact_for(size, cls)
+                if h >= 0:
+                    return h
+        return self._compact_for(size, cls)
+
+    def _compact_for(self, size: int, cls: int) -> int:
+        """Try to allocate, compacting first if frees since the last compaction left
+        room to win back; -1 if there is still none."""
+        h = self._alloc(size, cls)
+        if h >= 0 or self._frees_total == self._frees_at_compact:
+            return h
+        self._frees_at_compact = self._frees_total
+        if self.allocator.compactable_frames():
+            self.allocator.compact(1 << 30)
+            h = self._alloc(size, cls)
+        return h
 
     def _victims(self, cls: int, want_bytes: int) -> list[int]:
         """The next reclaim unit of ``cls``, off its LRU (zombie): the allocator's own
@@ -505,7 +521,7 @@ class Zcache:
 
     def _evict_eph_unit(self) -> bool:
         """Evict one reclaim unit of ephemeral pages (flushing their tmem entries)."""
-        victims = self._victims(EPH, 1)
+        victims = self._victims(EPH, PAGE_SIZE)
         if not victims:
             return False
         for h in victims:

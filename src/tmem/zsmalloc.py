@@ -105,6 +105,7 @@ class Zsmalloc:
 
     name = "zsmalloc"
     max_size = PAGE_SIZE
+    keeps_lru = False
     max_mean_size = PAGE_SIZE  # nothing pairs: no limit on the mean stored size
 
     def __init__(self, frames: FrameSource) -> None:
