@@ -106,38 +106,20 @@ class Obj:
 
     def set(self, index: int, pampd: Pampd) -> Pampd | None:
         """Map ``index`` to ``pampd``; return the pampd it replaced, or None."""
-        key = index >> NODE_SHIFT
-        node = self.nodes.get(key)
-        if node is None:
-            node = self.nodes[key] = array("i", _EMPTY_NODE)
-            self.pool.tmem_nodes += 1
-        pos = index & NODE_MASK
-        old_slot = node[pos]
-        old: Pampd | None
-        if old_slot >= 0:
-            old = old_slot
-        elif old_slot == EMPTY:
-            old = None
-            self.count += 1
-        elif old_slot == EXTRA:
-            assert self.extra is not None
-            old = self.extra.pop(index)
-            self.pool.tmem_extras -= 1
-        else:
-            old = old_slot + 1
         new_slot = _to_slot(pampd)
+        old_slot = self.set_handle(index, new_slot)
+        old = None if old_slot == EMPTY else self.decode_old(index, old_slot)
         if new_slot == EXTRA:
             if self.extra is None:
                 self.extra = {}
             self.extra[index] = pampd
             self.pool.tmem_extras += 1
-        node[pos] = new_slot
         return old
 
     def set_handle(self, index: int, handle: int) -> int:
-        """:meth:`set` for a non-negative int pampd (0..2**31-1), returning the old raw
-        slot: the put hot path. The caller decodes an old slot < EMPTY with
-        :meth:`decode_old`, which it must call before anything else changes the object."""
+        """Write a raw slot (a non-negative int pampd, 0..2**31-1, as it is), returning
+        the old raw slot: the put hot path. The caller decodes an old slot other than
+        EMPTY with :meth:`decode_old` before anything else changes the object."""
         key = index >> NODE_SHIFT
         node = self.nodes.get(key)
         if node is None:
@@ -151,7 +133,9 @@ class Obj:
         return old
 
     def decode_old(self, index: int, old_slot: int) -> Pampd:
-        """The pampd an old slot < EMPTY (from :meth:`set_handle`) stood for."""
+        """The pampd an old raw slot (from :meth:`set_handle`, not EMPTY) stood for."""
+        if old_slot >= 0:
+            return old_slot
         if old_slot == EXTRA:
             assert self.extra is not None
             self.pool.tmem_extras -= 1
