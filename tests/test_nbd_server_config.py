@@ -150,3 +150,13 @@ def test_stats_json_sections() -> None:
     data = json.loads(render_json(_snapshot()))
     assert data["blockdev"]["blockdev_read_bytes"] == 4096
     assert set(data) == {"zcache", "blockdev", "server"}
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30s", 30.0), ("500ms", 0.5), ("2m", 120.0), ("1h", 3600.0), ("45", 45.0), ("1.5", 1.5)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    from tmem.sizes import parse_duration
+
+    assert parse_duration(text) == seconds

@@ -76,14 +76,6 @@ def parse_duration(value: float | str) -> float:
     return seconds
 
 
-def format_duration(seconds: float) -> str:
-    """``30s``, ``500ms``, ``2m``: the shortest exact form :func:`parse_duration` reads."""
-    for unit, factor in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
-        if seconds >= factor and seconds % factor == 0:
-            return f"{seconds / factor:g}{unit}"
-    return f"{seconds * 1000:g}ms" if 0 < seconds < 1 else f"{seconds:g}s"
-
-
 def format_size(nbytes: float) -> str:
     """Format a byte count with a binary suffix, e.g. ``1.5 MiB``."""
     size = float(nbytes)
