@@ -40,19 +40,18 @@ if sys.argv[1]:
 import tmem
 from tmem.compress import get_compressor
 
-def rss():
+def status(field):
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError("no " + field)
+
+def rss():
+    return status("VmRSS")
 
 def anon():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon")
+    return status("RssAnon")
 
 rss(); anon()  # the first read of /proc/self/status pages in code of its own
 

@@ -103,7 +103,6 @@ CHARGE_EVERY: Final = 1024  # pages stored between two metadata charges to the b
 COMPACT_EVERY: Final = 256  # frees between two fragmentation checks, at first
 COMPACT_EVERY_MAX: Final = 65536
 RECOMPRESS_MIN_GAIN: Final = 32  # bytes a recompression must save to be kept
-_ZERO_PAGE = bytes(PAGE_SIZE)
 
 
 class PutResult(enum.IntEnum):
